@@ -1,0 +1,366 @@
+"""The speculative decoding engine: one target, one drafter, both with KV caches (transformers' DynamicCache).
+
+A sequence is kept as ``tokens`` (prompt + generated) whose last token is *pending*: sampled but not yet run
+through the target. Every round drafts k >= 0 tokens after it, runs the target once over [pending, drafts],
+keeps the accepted prefix and one more token from the target, and crops both caches back to what is still valid.
+With k = 0 a round is exactly one step of plain target decoding, which is also how ``speculate=False`` runs:
+the same code path, the drafter never called.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from transformers import DynamicCache
+
+from onspec.cluster.config import OnspecConfig, SpeculationConfig
+from onspec.kernels.draft_length import (AdaEDLState, adaedl_should_stop, adaedl_update, best_draft_length)
+from onspec.kernels.sampling import entropy, is_greedy, logits_to_probs
+from onspec.kernels.verify import greedy_verify, rejection_verify
+from onspec.kernels.vocab_trim import to_full_logits
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve as given (empty prompt, over the context length, bad parameters)."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_tokens < 1:
+            raise RequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise RequestError(f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise RequestError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    target_forwards: int = 0
+    elapsed_s: float = 0.0
+    drafter_version: str | None = None
+    finish_reason: str | None = None
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.completion_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.elapsed_s if self.elapsed_s else 0.0
+
+    def as_dict(self) -> dict:
+        return {"acceptance_rate": round(self.acceptance_rate, 4), "drafted": self.drafted,
+                "accepted": self.accepted, "tokens_per_step": round(self.tokens_per_step, 4),
+                "tokens_per_s": round(self.tokens_per_s, 3), "drafter_version": self.drafter_version,
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "finish_reason": self.finish_reason}
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    text: str
+    stats: GenerationStats
+
+
+def rollback(cache: DynamicCache, keep: int) -> None:
+    """Crop a KV cache to its first ``keep`` positions: rejected drafts are dropped, the prefix is reused."""
+    extra = cache.get_seq_length() - keep
+    if extra > 0:
+        cache.crop(-extra)
+
+
+class DraftController:
+    """Chooses each round's maximum draft length from the estimated acceptance and the measured costs
+    (kernels.draft_length), probing with a single draft now and then while plain decoding is cheaper, so that
+    an improving drafter is noticed."""
+
+    def __init__(self, cfg: SpeculationConfig):
+        self.cfg = cfg
+        self.reset()
+        n = cfg.max_draft + 1
+        # Seconds per target forward over n tokens, index n - 1; flat until calibrated or measured.
+        self.verify_cost = [1.0] * n
+        self.draft_cost = 0.05
+
+    def reset(self) -> None:
+        self.alpha = self.cfg.acceptance_prior
+        self.adaedl = AdaEDLState(lam=self.cfg.adaedl_lambda, acceptance=self.cfg.acceptance_prior)
+        self.plain_steps = 0
+        self.probe_interval = self.cfg.probe_interval
+        self.probing = False
+
+    @property
+    def entropy_threshold(self) -> float | None:
+        return self.adaedl.lam if self.cfg.mode == "adaedl" else None
+
+    def draft_cap(self) -> int:
+        if self.cfg.mode == "fixed":
+            return self.cfg.fixed_k
+        if not self.cfg.cost_aware:
+            return self.cfg.max_draft
+        k, _ = best_draft_length(self.alpha, self.draft_cost, self.verify_cost, self.cfg.max_draft)
+        self.probing = False
+        if k == 0:
+            self.plain_steps += 1
+            if self.plain_steps >= self.probe_interval:
+                self.plain_steps, self.probing = 0, True
+                return 1
+        return k
+
+    def observe(self, drafted: int, accepted: int, cap: int) -> None:
+        if drafted == 0:
+            return
+        ema = self.cfg.acceptance_ema
+        self.alpha = ema * self.alpha + (1 - ema) * accepted / drafted
+        self.adaedl = adaedl_update(self.adaedl, drafted, accepted, cap)
+        if self.probing:
+            grow = accepted == 0
+            self.probe_interval = min(self.probe_interval * 2, self.cfg.probe_interval_max) if grow \
+                else self.cfg.probe_interval
+
+    def observe_cost(self, n_tokens: int, seconds: float, draft_tokens: int = 0, draft_seconds: float = 0.0,
+                     weight: float = 0.9) -> None:
+        i = n_tokens - 1
+        if i < len(self.verify_cost):
+            self.verify_cost[i] = weight * self.verify_cost[i] + (1 - weight) * seconds
+        if draft_tokens:
+            self.draft_cost = weight * self.draft_cost + (1 - weight) * draft_seconds / draft_tokens
+
+
+@dataclass
+class _Sequence:
+    tokens: list[int]
+    prompt_len: int
+    params: SamplingParams
+    generator: torch.Generator | None
+    tcache: DynamicCache = field(default_factory=DynamicCache)
+    dcache: DynamicCache = field(default_factory=DynamicCache)
+    dlen: int = 0  # positions in the drafter's cache
+
+
+class SpeculativeEngine:
+    def __init__(self, target, tokenizer, drafter, spec: SpeculationConfig, max_context: int,
+                 stop_ids: set[int] | None = None):
+        self.target, self.tokenizer, self.drafter = target, tokenizer, drafter
+        self.spec = spec
+        self.max_context = min(max_context, int(getattr(target.config, "max_position_embeddings", max_context)))
+        self.vocab_size = target.config.vocab_size
+        self.device = next(target.parameters()).device
+        if stop_ids is None:
+            from onspec.actors.models import stop_token_ids
+            stop_ids = stop_token_ids(target, tokenizer)
+        self.stop_ids = stop_ids
+        self.controller = DraftController(spec)
+        self.calibrated = False
+
+    @classmethod
+    def from_config(cls, cfg: OnspecConfig) -> "SpeculativeEngine":
+        from onspec.actors.checkpoint import load_checkpoint
+        from onspec.actors.models import derive_drafter, load_target, stop_token_ids
+
+        target, tok = load_target(cfg.model, cfg.data_dir)
+        stops = stop_token_ids(target, tok)
+        if cfg.drafter.checkpoint:
+            drafter, _ = load_checkpoint(cfg.drafter.checkpoint, target)
+        else:
+            drafter = derive_drafter(target, cfg.drafter, always_keep=tuple(stops))
+        return cls(target, tok, drafter, cfg.speculation, cfg.model.max_context, stops)
+
+    # ---- prompts -------------------------------------------------------------------------------------------
+    def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+        if messages is not None:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)["input_ids"]
+        else:
+            ids = self.tokenizer(prompt or "", add_special_tokens=False)["input_ids"]
+        return list(ids)
+
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        if len(prompt_ids) + 1 > self.max_context:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; the context length is "
+                               f"{self.max_context} (prompt + at least one generated token)")
+
+    # ---- drafter management --------------------------------------------------------------------------------
+    def set_drafter(self, drafter) -> None:
+        """Swap the drafter (between requests); the acceptance estimate starts afresh for the new one."""
+        self.drafter = drafter
+        self.controller.reset()
+
+    @torch.inference_mode()
+    def calibrate(self, reps: int = 2) -> None:
+        """Measure target forwards over 1..max_draft+1 tokens and one drafter token, so the first requests
+        already choose draft lengths from real costs (later rounds keep refining them)."""
+        ctx = torch.arange(1, 33, device=self.device).unsqueeze(0)
+        cache = DynamicCache()
+        self.target(input_ids=ctx, cache=cache, use_cache=True)
+        for n in range(1, self.spec.max_draft + 2):
+            best = float("inf")
+            for _ in range(reps):
+                t = time.perf_counter()
+                self.target(input_ids=ctx[:, :n], cache=cache, use_cache=True).logits.argmax(-1).tolist()
+                best = min(best, time.perf_counter() - t)
+                rollback(cache, 32)
+            self.controller.verify_cost[n - 1] = best
+        dcache = DynamicCache()
+        self.drafter(ctx, dcache)
+        best = float("inf")
+        for _ in range(reps + 1):
+            t = time.perf_counter()
+            self.drafter(ctx[:, :1], dcache).argmax(-1).tolist()
+            best = min(best, time.perf_counter() - t)
+            rollback(dcache, 32)
+        self.controller.draft_cost = best
+        self.calibrated = True
+
+    # ---- decoding ------------------------------------------------------------------------------------------
+    def generate(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                 speculate: bool = True) -> Generation:
+        params = params or SamplingParams()
+        stats = GenerationStats()
+        out: list[int] = []
+        for chunk in self.stream(prompt_ids, params, speculate, stats):
+            out.extend(chunk)
+        return Generation(out, self.tokenizer.decode(out, skip_special_tokens=True), stats)
+
+    @torch.inference_mode()
+    def stream(self, prompt_ids: list[int], params: SamplingParams, speculate: bool = True,
+               stats: GenerationStats | None = None) -> Iterator[list[int]]:
+        """Yield the new tokens of each round. ``stats`` (if given) is filled in as decoding goes."""
+        params.validate()
+        self.check_prompt(prompt_ids)
+        stats = stats if stats is not None else GenerationStats()
+        if speculate and not self.calibrated and self.spec.cost_aware and self.spec.mode == "adaedl":
+            self.calibrate()
+        t0 = time.perf_counter()
+        stats.prompt_tokens = len(prompt_ids)
+        stats.drafter_version = getattr(self.drafter, "version", None) if speculate else None
+        gen = None
+        if not is_greedy(params.temperature):
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(params.seed if params.seed is not None else int(torch.seed() % (2**63)))
+        seq = _Sequence(tokens=list(prompt_ids), prompt_len=len(prompt_ids), params=params, generator=gen)
+        budget = min(params.max_tokens, self.max_context - len(prompt_ids))
+
+        new = [self._prefill(seq)]
+        stats.target_forwards += 1
+        while True:
+            new, done = self._finish(seq, new, budget, stats)
+            stats.completion_tokens += len(new)
+            stats.elapsed_s = time.perf_counter() - t0
+            if new:
+                yield new
+            if done:
+                return
+            new = self._round(seq, speculate, budget, stats)
+
+    def _finish(self, seq: _Sequence, new: list[int], budget: int, stats: GenerationStats):
+        """Cut ``new`` at the first stop token or the token budget; tokens are already in seq.tokens."""
+        produced_before = len(seq.tokens) - len(new) - seq.prompt_len
+        for i, tok in enumerate(new):
+            if tok in self.stop_ids:
+                stats.finish_reason = "stop"
+                return new[:i + 1], True
+            if produced_before + i + 1 >= budget:
+                stats.finish_reason = "length"
+                return new[:i + 1], True
+        return new, False
+
+    def _next_token(self, logits: torch.Tensor, seq: _Sequence) -> torch.Tensor:
+        p = seq.params
+        if is_greedy(p.temperature):
+            return logits.argmax(-1)
+        probs = logits_to_probs(logits, p.temperature, p.top_k, p.top_p)
+        return torch.multinomial(probs, 1, generator=seq.generator)[0]
+
+    def _prefill(self, seq: _Sequence) -> int:
+        x = torch.tensor([seq.tokens], device=self.device)
+        logits = self.target(input_ids=x, cache=seq.tcache, use_cache=True, logits_to_keep=1).logits[0, -1]
+        tok = int(self._next_token(logits, seq))
+        seq.tokens.append(tok)
+        return tok
+
+    def _draft(self, seq: _Sequence, cap: int) -> tuple[list[int], torch.Tensor | None, int]:
+        """Up to ``cap`` drafter tokens after the pending one, stopping early on AdaEDL's entropy bound.
+        Returns (drafts, their distributions q when sampling, drafter forwards run)."""
+        p = seq.params
+        greedy = is_greedy(p.temperature)
+        kept = self.drafter.kept_ids
+        threshold = self.controller.entropy_threshold
+        x = torch.tensor([seq.tokens[seq.dlen:]], device=self.device)
+        drafts: list[int] = []
+        qs: list[torch.Tensor] = []
+        forwards = 0
+        for _ in range(cap):
+            logits = self.drafter(x, seq.dcache)[0, -1].float()
+            forwards += 1
+            seq.dlen += x.shape[1]
+            if greedy:
+                q = torch.softmax(logits, -1)
+                tok_dev = kept[q.argmax()]
+            else:
+                q = logits_to_probs(to_full_logits(logits, kept, self.vocab_size), p.temperature, p.top_k, p.top_p)
+                tok_dev = torch.multinomial(q, 1, generator=seq.generator)[0]
+            tok, h = torch.stack([tok_dev.to(q.dtype), entropy(q)]).tolist()  # one sync for both
+            if threshold is not None and adaedl_should_stop(h, self.spec.adaedl_gamma, threshold):
+                break
+            drafts.append(int(tok))
+            if not greedy:
+                qs.append(q)
+            x = torch.tensor([[int(tok)]], device=self.device)
+        return drafts, (torch.stack(qs) if qs else None), forwards
+
+    def _round(self, seq: _Sequence, speculate: bool, budget: int, stats: GenerationStats) -> list[int]:
+        old_len = len(seq.tokens)  # the pending token sits at old_len - 1
+        room = min(self.max_context - old_len - 1, budget - (old_len - seq.prompt_len))
+        cap = min(self.controller.draft_cap(), max(room, 0)) if speculate else 0
+        t0 = time.perf_counter()
+        drafts, q, forwards = self._draft(seq, cap) if cap > 0 else ([], None, 0)
+        t1 = time.perf_counter()
+        k = len(drafts)
+        x = torch.tensor([[seq.tokens[-1]] + drafts], device=self.device)
+        logits = self.target(input_ids=x, cache=seq.tcache, use_cache=True).logits[0].float()
+        d = torch.tensor(drafts, device=self.device, dtype=torch.long)
+        if is_greedy(seq.params.temperature):
+            n, nxt = greedy_verify(d, logits)
+        else:
+            probs = logits_to_probs(logits, seq.params.temperature, seq.params.top_k, seq.params.top_p)
+            n, nxt = rejection_verify(d, q if q is not None else probs[:0], probs, seq.generator)
+        n, nxt = torch.stack([n, nxt]).tolist()
+        t2 = time.perf_counter()
+
+        rollback(seq.tcache, old_len + n)
+        seq.dlen = min(seq.dlen, old_len + n)
+        rollback(seq.dcache, seq.dlen)
+        new = drafts[:n] + [nxt]
+        seq.tokens.extend(new)
+
+        stats.target_forwards += 1
+        stats.drafted += k
+        stats.accepted += n
+        if speculate:
+            self.controller.observe(k, n, cap)
+            self.controller.observe_cost(k + 1, t2 - t1, forwards, t1 - t0)
+        return new

