@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from transformers import DynamicCache
@@ -74,6 +74,22 @@ class GenerationStats:
                 "tokens_per_s": round(self.tokens_per_s, 3), "drafter_version": self.drafter_version,
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "finish_reason": self.finish_reason}
+
+
+@dataclass
+class RoundRecord:
+    """What a verification round with a rejection teaches the drafter (sent to ``round_observer``).
+
+    ``context`` ends with the pending token; the drafts followed it; ``accepted`` of them were kept and the
+    first rejected one sat at draft position ``accepted``, where the target chose ``target_token`` and its
+    top-k log-probabilities were ``topk_ids`` / ``topk_logprobs``."""
+    context: list[int]
+    drafts: list[int]
+    accepted: int
+    target_token: int
+    topk_ids: list[int]
+    topk_logprobs: list[float]
+    drafter_version: str | None
 
 
 @dataclass
@@ -173,6 +189,10 @@ class SpeculativeEngine:
         self.stop_ids = stop_ids
         self.controller = DraftController(spec)
         self.calibrated = False
+        # Called after every round that rejected a draft (e.g. the stream logger); must not block.
+        self.round_observer: Callable[[RoundRecord], None] | None = None
+        self.record_context = 128   # context tokens kept in a RoundRecord
+        self.record_topk = 8        # target log-probabilities kept at the rejected position
 
     @classmethod
     def from_config(cls, cfg: OnspecConfig) -> "SpeculativeEngine":
@@ -184,7 +204,7 @@ class SpeculativeEngine:
         if cfg.drafter.checkpoint:
             drafter, _ = load_checkpoint(cfg.drafter.checkpoint, target)
         else:
-            drafter = derive_drafter(target, cfg.drafter, always_keep=tuple(stops))
+            drafter = derive_drafter(target, cfg.drafter.layers, cfg.drafter.vocab_keep, always_keep=tuple(stops))
         return cls(target, tok, drafter, cfg.speculation, cfg.model.max_context, stops)
 
     # ---- prompts -------------------------------------------------------------------------------------------
@@ -332,6 +352,14 @@ class SpeculativeEngine:
             x = torch.tensor([[int(tok)]], device=self.device)
         return drafts, (torch.stack(qs) if qs else None), forwards
 
+    def _observe_rejection(self, seq: _Sequence, old_len: int, drafts: list[int], n: int, nxt: int,
+                           row: torch.Tensor) -> None:
+        top = torch.log_softmax(row.float(), -1).topk(self.record_topk)
+        self.round_observer(RoundRecord(
+            context=seq.tokens[max(0, old_len - self.record_context):old_len], drafts=drafts, accepted=n,
+            target_token=nxt, topk_ids=top.indices.tolist(), topk_logprobs=top.values.tolist(),
+            drafter_version=getattr(self.drafter, "version", None)))
+
     def _round(self, seq: _Sequence, speculate: bool, budget: int, stats: GenerationStats) -> list[int]:
         old_len = len(seq.tokens)  # the pending token sits at old_len - 1
         room = min(self.max_context - old_len - 1, budget - (old_len - seq.prompt_len))
@@ -357,6 +385,8 @@ class SpeculativeEngine:
         new = drafts[:n] + [nxt]
         seq.tokens.extend(new)
 
+        if self.round_observer is not None and n < k:
+            self._observe_rejection(seq, old_len, drafts, n, nxt, logits[n])
         stats.target_forwards += 1
         stats.drafted += k
         stats.accepted += n

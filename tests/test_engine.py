@@ -1,0 +1,139 @@
+"""Engine behaviour on tiny randomly initialised models (fast); the real model has its own tests."""
+import pytest
+import torch
+from transformers import DynamicCache
+
+from onspec.actors.engine import RequestError, SamplingParams, rollback
+from tests.conftest import tiny_engine, tiny_target
+
+PROMPTS = [[5, 9, 13], [1, 2, 3, 4, 5, 6, 7, 8], [40, 41, 40, 41, 40], [77]]
+
+
+@pytest.mark.parametrize("mode", ["fixed", "adaedl"])
+@pytest.mark.parametrize("drafter_layers", [1, 3])  # 3 of 4 layers: mostly accepted; 1 layer: mostly rejected
+def test_greedy_speculative_equals_target_alone(mode, drafter_layers):
+    eng = tiny_engine(drafter_layers=drafter_layers, mode=mode, fixed_k=3, max_draft=5)
+    drafted = accepted = 0
+    for prompt in PROMPTS:
+        for n in (1, 7, 30):
+            params = SamplingParams(max_tokens=n)
+            ref = eng.generate(prompt, params, speculate=False)
+            got = eng.generate(prompt, params, speculate=True)
+            assert got.token_ids == ref.token_ids, (prompt, n)
+            assert len(got.token_ids) == n
+            drafted += got.stats.drafted
+            accepted += got.stats.accepted
+    assert drafted > 0
+    if drafter_layers == 3:
+        assert accepted > 0
+        if mode == "fixed":
+            assert accepted < drafted  # both the accept and the reject paths ran
+
+
+def test_no_speculate_never_calls_the_drafter():
+    eng = tiny_engine()
+    calls = []
+    eng.drafter.register_forward_hook(lambda *a: calls.append(1))
+    g = eng.generate(PROMPTS[0], SamplingParams(max_tokens=10), speculate=False)
+    assert not calls and g.stats.drafted == 0 and g.stats.target_forwards == 10
+
+
+def test_sampling_distribution_matches_target_alone():
+    """Two-token continuations sampled with and without speculation have the same distribution."""
+    eng = tiny_engine(drafter_layers=3, mode="fixed", fixed_k=2)
+    runs = 1500
+    params = dict(max_tokens=2, temperature=1.3, top_p=0.95)
+
+    def histogram(speculate, offset):
+        h = {}
+        for i in range(runs):
+            ids = eng.generate([5, 9], SamplingParams(seed=offset + i, **params), speculate=speculate).token_ids
+            h[tuple(ids)] = h.get(tuple(ids), 0) + 1
+        return h
+
+    ref, spec = histogram(False, 0), histogram(True, 10**6)
+    keys = set(ref) | set(spec)
+    tvd = 0.5 * sum(abs(ref.get(k, 0) - spec.get(k, 0)) for k in keys) / runs
+    # Sampling noise alone gives a TVD around 0.05-0.08 for this support; a biased rule gives far more.
+    assert tvd < 0.12, tvd
+    assert eng.controller.alpha > 0  # drafts were really accepted along the way
+
+
+def test_rollback_reuses_the_prefix_exactly():
+    model = tiny_target()
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.inference_mode():
+        cache = DynamicCache()
+        model(input_ids=ids[:, :5], cache=cache, use_cache=True)
+        model(input_ids=torch.tensor([[7, 7, 7]]), cache=cache, use_cache=True)   # three rejected drafts
+        rollback(cache, 5)
+        assert cache.get_seq_length() == 5
+        after = model(input_ids=ids[:, 5:], cache=cache, use_cache=True).logits
+        fresh = model(input_ids=ids).logits[:, 5:]
+    assert torch.allclose(after, fresh, atol=1e-5)
+
+
+def test_a_poor_drafter_backs_off_to_plain_decoding():
+    eng = tiny_engine(drafter_layers=1, cost_aware=True, max_draft=4, probe_interval=4)
+    with torch.no_grad():  # a drafter that is always wrong
+        eng.drafter.head.weight.normal_(0, 5.0)
+    eng.controller.verify_cost = [1.0, 1.05, 1.1, 1.15, 1.2]
+    eng.controller.draft_cost = 0.1
+    eng.calibrated = True  # keep the cost table above, measured costs would be noise on a tiny model
+    g = eng.generate([5, 9, 13], SamplingParams(max_tokens=120), speculate=True)
+    ref = eng.generate([5, 9, 13], SamplingParams(max_tokens=120), speculate=False)
+    assert g.token_ids == ref.token_ids
+    assert g.stats.acceptance_rate < 0.2
+    # After the estimate drops, only sparse probes draft: far fewer drafts than tokens.
+    assert g.stats.drafted < 0.3 * g.stats.completion_tokens
+    assert eng.controller.draft_cap() in (0, 1)
+
+
+def test_request_errors():
+    eng = tiny_engine()
+    with pytest.raises(RequestError, match="empty"):
+        eng.generate([], SamplingParams())
+    with pytest.raises(RequestError, match="context length"):
+        eng.generate(list(range(5)) * 60, SamplingParams())
+    for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-2)):
+        with pytest.raises(RequestError):
+            eng.generate([1, 2], SamplingParams(**bad))
+
+
+def test_generation_stops_at_the_context_length():
+    eng = tiny_engine()
+    g = eng.generate(list(range(1, 251)), SamplingParams(max_tokens=100))
+    assert len(g.token_ids) == 6 and g.stats.finish_reason == "length"
+
+
+def test_generation_stops_at_a_stop_token():
+    eng = tiny_engine(drafter_layers=3, mode="fixed", fixed_k=4)
+    ref = eng.generate([5, 9, 13], SamplingParams(max_tokens=30), speculate=False).token_ids
+    stop = ref[10]
+    eng.stop_ids = {stop}
+    g = eng.generate([5, 9, 13], SamplingParams(max_tokens=30), speculate=True)
+    assert g.token_ids == ref[:ref.index(stop) + 1] and g.stats.finish_reason == "stop"
+
+
+def test_round_observer_sees_each_rejection_with_the_targets_choice():
+    eng = tiny_engine(drafter_layers=1, mode="fixed", fixed_k=3)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a drafter that is right only sometimes
+        eng.drafter.head.weight.add_(torch.randn_like(eng.drafter.head.weight) * 4.0)
+    records = []
+    eng.round_observer = records.append
+    eng.record_topk = 4
+    prompt = [5, 9, 13]
+    g = eng.generate(prompt, SamplingParams(max_tokens=20))
+    assert records and len(records) <= g.stats.target_forwards
+    full = prompt + g.token_ids
+    for r in records:
+        assert r.accepted < len(r.drafts) and r.drafter_version == "base"
+        # Short sequences: the whole context is kept, so it is a prefix of the output, the accepted drafts
+        # follow it and then the target's own token.
+        pos = len(r.context)
+        assert full[:pos] == r.context
+        assert full[pos:pos + r.accepted] == r.drafts[:r.accepted]
+        if pos + r.accepted < len(full):
+            assert full[pos + r.accepted] == r.target_token != r.drafts[r.accepted]
+        assert r.topk_ids[0] == r.target_token and len(r.topk_logprobs) == 4

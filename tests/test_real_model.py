@@ -1,0 +1,65 @@
+"""The engine on the real SmolLM2-135M-Instruct target."""
+import pytest
+
+from onspec.actors.engine import SamplingParams
+from onspec.actors.models import derive_drafter
+
+pytestmark = pytest.mark.real_model
+
+CHATS = [
+    [{"role": "user", "content": "Write a Python function that returns the square of a number."}],
+    [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+]
+RAW = "The three primary colours are"
+
+
+@pytest.fixture(scope="module")
+def prompts(real_engine):
+    return [real_engine.encode(messages=m) for m in CHATS] + [real_engine.encode(RAW)]
+
+
+@pytest.fixture(scope="module")
+def references(real_engine, prompts):
+    return [real_engine.generate(p, SamplingParams(max_tokens=40), speculate=False).token_ids for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def deep_drafter(real_engine):
+    # 24 of the target's 30 layers: accepted most of the time, so the accept and bonus paths run often.
+    return derive_drafter(real_engine.target, 24, 16384, always_keep=tuple(real_engine.stop_ids))
+
+
+def _check(engine, prompts, references, mode, max_tokens):
+    engine.spec.mode = mode
+    engine.controller.reset()
+    drafted = accepted = 0
+    for p, ref in zip(prompts, references):
+        g = engine.generate(p, SamplingParams(max_tokens=max_tokens), speculate=True)
+        assert g.token_ids == ref[:max_tokens]
+        drafted, accepted = drafted + g.stats.drafted, accepted + g.stats.accepted
+    return drafted, accepted
+
+
+@pytest.mark.parametrize("mode", ["fixed", "adaedl"])
+def test_greedy_identity_default_drafter(real_engine, prompts, references, mode):
+    drafted, _ = _check(real_engine, prompts, references, mode, 40)
+    assert drafted > 0
+
+
+@pytest.mark.parametrize("mode,max_tokens", [("fixed", 40), ("adaedl", 40), ("fixed", 13)])
+def test_greedy_identity_strong_drafter(real_engine, prompts, references, deep_drafter, mode, max_tokens):
+    default = real_engine.drafter
+    real_engine.set_drafter(deep_drafter)
+    try:
+        drafted, accepted = _check(real_engine, prompts, references, mode, max_tokens)
+    finally:
+        real_engine.set_drafter(default)
+    assert accepted > 0.5 * drafted > 0
+
+
+def test_default_drafter_shares_tokenizer_and_trims_vocab(real_engine):
+    d = real_engine.drafter
+    assert d.full_vocab == real_engine.target.config.vocab_size
+    assert d.kept_ids.numel() == 8192
+    assert set(real_engine.stop_ids) <= set(d.kept_ids.tolist())
+    assert d.body.embed_tokens is real_engine.target.get_input_embeddings()
