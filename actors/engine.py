@@ -114,9 +114,8 @@ class DraftController:
     def __init__(self, cfg: SpeculationConfig):
         self.cfg = cfg
         self.reset()
-        n = cfg.max_draft + 1
-        # Seconds per target forward over n tokens, index n - 1; flat until calibrated or measured.
-        self.verify_cost = [1.0] * n
+        # Seconds per target forward over n tokens, index n - 1 (set by SpeculativeEngine.calibrate).
+        self.verify_cost = [1.0] * (cfg.max_draft + 1)
         self.draft_cost = 0.05
 
     def reset(self) -> None:
@@ -154,14 +153,6 @@ class DraftController:
             grow = accepted == 0
             self.probe_interval = min(self.probe_interval * 2, self.cfg.probe_interval_max) if grow \
                 else self.cfg.probe_interval
-
-    def observe_cost(self, n_tokens: int, seconds: float, draft_tokens: int = 0, draft_seconds: float = 0.0,
-                     weight: float = 0.9) -> None:
-        i = n_tokens - 1
-        if i < len(self.verify_cost):
-            self.verify_cost[i] = weight * self.verify_cost[i] + (1 - weight) * seconds
-        if draft_tokens:
-            self.draft_cost = weight * self.draft_cost + (1 - weight) * draft_seconds / draft_tokens
 
 
 @dataclass
@@ -230,29 +221,31 @@ class SpeculativeEngine:
         self.controller.reset()
 
     @torch.inference_mode()
-    def calibrate(self, reps: int = 2) -> None:
-        """Measure target forwards over 1..max_draft+1 tokens and one drafter token, so the first requests
-        already choose draft lengths from real costs (later rounds keep refining them)."""
+    def calibrate(self, reps: int = 3) -> None:
+        """Measure target forwards over 1..max_draft+1 tokens and one drafter token.
+
+        Only the ratios between these costs matter to the draft-length choice, and a busy machine slows all of
+        them alike, so sizes are interleaved within each repetition and the minimum is kept: a burst of
+        contention cannot make one size look dear and then never be tried (and re-measured) again."""
         ctx = torch.arange(1, 33, device=self.device).unsqueeze(0)
-        cache = DynamicCache()
+        cache, dcache = DynamicCache(), DynamicCache()
         self.target(input_ids=ctx, cache=cache, use_cache=True)
-        for n in range(1, self.spec.max_draft + 2):
-            best = float("inf")
-            for _ in range(reps):
+        self.drafter(ctx, dcache)
+        sizes = range(1, self.spec.max_draft + 2)
+        best = {n: float("inf") for n in sizes}
+        best_draft = float("inf")
+        for _ in range(reps):
+            for n in sizes:
                 t = time.perf_counter()
                 self.target(input_ids=ctx[:, :n], cache=cache, use_cache=True).logits.argmax(-1).tolist()
-                best = min(best, time.perf_counter() - t)
+                best[n] = min(best[n], time.perf_counter() - t)
                 rollback(cache, 32)
-            self.controller.verify_cost[n - 1] = best
-        dcache = DynamicCache()
-        self.drafter(ctx, dcache)
-        best = float("inf")
-        for _ in range(reps + 1):
             t = time.perf_counter()
             self.drafter(ctx[:, :1], dcache).argmax(-1).tolist()
-            best = min(best, time.perf_counter() - t)
+            best_draft = min(best_draft, time.perf_counter() - t)
             rollback(dcache, 32)
-        self.controller.draft_cost = best
+        self.controller.verify_cost = [best[n] for n in sizes]
+        self.controller.draft_cost = best_draft
         self.calibrated = True
 
     # ---- decoding ------------------------------------------------------------------------------------------
@@ -322,9 +315,9 @@ class SpeculativeEngine:
         seq.tokens.append(tok)
         return tok
 
-    def _draft(self, seq: _Sequence, cap: int) -> tuple[list[int], torch.Tensor | None, int]:
+    def _draft(self, seq: _Sequence, cap: int) -> tuple[list[int], torch.Tensor | None]:
         """Up to ``cap`` drafter tokens after the pending one, stopping early on AdaEDL's entropy bound.
-        Returns (drafts, their distributions q when sampling, drafter forwards run)."""
+        Returns (drafts, their distributions q when sampling)."""
         p = seq.params
         greedy = is_greedy(p.temperature)
         kept = self.drafter.kept_ids
@@ -332,10 +325,8 @@ class SpeculativeEngine:
         x = torch.tensor([seq.tokens[seq.dlen:]], device=self.device)
         drafts: list[int] = []
         qs: list[torch.Tensor] = []
-        forwards = 0
         for _ in range(cap):
             logits = self.drafter(x, seq.dcache)[0, -1].float()
-            forwards += 1
             seq.dlen += x.shape[1]
             if greedy:
                 q = torch.softmax(logits, -1)
@@ -350,7 +341,7 @@ class SpeculativeEngine:
             if not greedy:
                 qs.append(q)
             x = torch.tensor([[int(tok)]], device=self.device)
-        return drafts, (torch.stack(qs) if qs else None), forwards
+        return drafts, (torch.stack(qs) if qs else None)
 
     def _observe_rejection(self, seq: _Sequence, old_len: int, drafts: list[int], n: int, nxt: int,
                            row: torch.Tensor) -> None:
@@ -364,9 +355,7 @@ class SpeculativeEngine:
         old_len = len(seq.tokens)  # the pending token sits at old_len - 1
         room = min(self.max_context - old_len - 1, budget - (old_len - seq.prompt_len))
         cap = min(self.controller.draft_cap(), max(room, 0)) if speculate else 0
-        t0 = time.perf_counter()
-        drafts, q, forwards = self._draft(seq, cap) if cap > 0 else ([], None, 0)
-        t1 = time.perf_counter()
+        drafts, q = self._draft(seq, cap) if cap > 0 else ([], None)
         k = len(drafts)
         x = torch.tensor([[seq.tokens[-1]] + drafts], device=self.device)
         logits = self.target(input_ids=x, cache=seq.tcache, use_cache=True).logits[0].float()
@@ -377,7 +366,6 @@ class SpeculativeEngine:
             probs = logits_to_probs(logits, seq.params.temperature, seq.params.top_k, seq.params.top_p)
             n, nxt = rejection_verify(d, q if q is not None else probs[:0], probs, seq.generator)
         n, nxt = torch.stack([n, nxt]).tolist()
-        t2 = time.perf_counter()
 
         rollback(seq.tcache, old_len + n)
         seq.dlen = min(seq.dlen, old_len + n)
@@ -392,5 +380,4 @@ class SpeculativeEngine:
         stats.accepted += n
         if speculate:
             self.controller.observe(k, n, cap)
-            self.controller.observe_cost(k + 1, t2 - t1, forwards, t1 - t0)
         return new

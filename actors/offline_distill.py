@@ -88,6 +88,7 @@ def distill(drafter, target, corpus: list[dict], minutes: float, lr: float = 3e-
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     drafter.train()
+    t_start = time.time()  # the training budget starts once the teacher's targets are ready
     deadline = t_start + minutes * 60
     steps, epoch, last = 0, 0, float("nan")
     while time.time() < deadline:
@@ -109,7 +110,7 @@ def distill(drafter, target, corpus: list[dict], minutes: float, lr: float = 3e-
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            steps, last = steps + 1, float(loss)
+            steps, last = steps + 1, float(loss.detach())
             if time.time() >= deadline:
                 break
         epoch += 1

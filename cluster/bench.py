@@ -63,3 +63,37 @@ def bench_decode(engine: SpeculativeEngine, specs: list[PromptSpec], max_tokens:
         "predicted_speedup": round(predicted, 4),
         "prompts": per_prompt,
     }
+
+
+def bench_forward(target, sizes=(1, 2, 3, 4, 5, 7, 9), reps: int = 5, context: int = 64) -> dict:
+    """Target forward time over n new tokens (with a KV cache of ``context``), nn.Linear vs SkinnyLinear,
+    interleaved per repetition; the median of ``reps``."""
+    import statistics
+    import time
+
+    import torch
+    from transformers import DynamicCache
+
+    from onspec.actors.engine import rollback
+    from onspec.actors.skinny_linear import SkinnyLinear
+
+    skinny = [m for m in target.modules() if isinstance(m, SkinnyLinear)]
+    ctx = torch.arange(1, context + 1).unsqueeze(0)
+    times = {"linear": {n: [] for n in sizes}, "skinny": {n: [] for n in sizes}}
+    with torch.inference_mode():
+        cache = DynamicCache()
+        target(input_ids=ctx, cache=cache, use_cache=True)
+        for _ in range(reps):
+            for mode in ("linear", "skinny"):
+                for m in skinny:
+                    m.__class__ = SkinnyLinear if mode == "skinny" else torch.nn.Linear
+                for n in sizes:
+                    t = time.perf_counter()
+                    target(input_ids=ctx[:, :n], cache=cache, use_cache=True).logits.sum().item()
+                    times[mode][n].append(time.perf_counter() - t)
+                    rollback(cache, context)
+        for m in skinny:
+            m.__class__ = SkinnyLinear
+    med = {mode: {n: statistics.median(v) * 1000 for n, v in d.items()} for mode, d in times.items()}
+    return {mode: {str(n): round(ms, 1) for n, ms in d.items()} for mode, d in med.items()} | {
+        "ratio_to_one_token": {mode: {str(n): round(d[n] / d[sizes[0]], 2) for n in sizes} for mode, d in med.items()}}
