@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -78,6 +81,16 @@ def cmd_bench_decode(args) -> int:
     return 0
 
 
+def cmd_bench_forward(args) -> int:
+    from onspec.actors.models import load_target
+    from onspec.cluster.bench import bench_forward
+
+    cfg = _config(args)
+    target, _ = load_target(cfg.model, cfg.data_dir)
+    print(json.dumps(bench_forward(target, reps=args.reps)))
+    return 0
+
+
 def cmd_drafter_distill(args) -> int:
     from onspec.actors.checkpoint import save_checkpoint
     from onspec.actors.models import derive_drafter, load_target, stop_token_ids
@@ -117,6 +130,70 @@ def cmd_drafter_count_tokens(args) -> int:
     return 0
 
 
+def _serve_config(args) -> OnspecConfig:
+    cfg = _config(args)
+    # The one place the environment is read: REDIS_URL, as a default for --redis-url.
+    redis_url = args.redis_url or os.environ.get("REDIS_URL") or None
+    return cfg.merged(**{
+        "server.host": args.host, "server.port": args.port, "server.replicas": args.replicas,
+        "server.ray_address": args.ray_address, "redis.url": redis_url,
+        "stream.enabled": False if args.no_stream else None,
+    })
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # the same clean shutdown as Ctrl-C
+
+
+def cmd_serve(args) -> int:
+    import time
+
+    from onspec.cluster.serve import Cluster
+
+    cfg = _serve_config(args)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    cluster = None
+    try:
+        print("onspec: starting (Ray, Redis, the engine replicas) ...", file=sys.stderr, flush=True)
+        cluster = Cluster(cfg).start()
+        signal.signal(signal.SIGTERM, _on_sigterm)  # again: ray.init installs its own handler
+        redis_at = cluster.cfg.redis.url if cluster.cfg.stream.enabled else "off"
+        print(f"onspec: serving {cfg.server.served_model_name or cfg.model.name} at {cluster.url}/v1 "
+              f"({cfg.server.replicas} replica(s), rejection stream: {redis_at}); Ctrl-C stops",
+              file=sys.stderr, flush=True)
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("onspec: shutting down ...", file=sys.stderr, flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if cluster is not None:
+            cluster.stop()
+    return 0
+
+
+def cmd_bench_serve(args) -> int:
+    from onspec.cluster.bench_serve import bench_serve, format_report
+    from onspec.cluster.prompts import packaged_prompts, read_prompts
+
+    specs = read_prompts(args.prompts_file or packaged_prompts())
+    cfg = _serve_config(args)
+    log = (lambda m: print(m, file=sys.stderr, flush=True))
+    import httpx
+
+    if min(args.concurrency, args.requests, args.max_tokens, args.pairs) < 1:
+        raise CLIError("--concurrency, --requests, --max-tokens and --pairs must be at least 1")
+    try:
+        # Ray prints its own shutdown chatter to stdout; keep stdout for the report (--json stays parseable).
+        with contextlib.redirect_stdout(sys.stderr):
+            result = bench_serve(cfg, specs, url=args.url, concurrency=args.concurrency, requests=args.requests,
+                                 max_tokens=args.max_tokens, pairs=args.pairs, log=log)
+    except httpx.HTTPError as e:
+        raise CLIError(f"cannot reach the server: {e}") from None
+    print(json.dumps(result) if args.json else format_report(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onspec", description="online speculative decoding")
     sub = p.add_subparsers(dest="command", required=True)
@@ -149,6 +226,36 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--repeats", type=int, default=1)
     bd.add_argument("--json", action="store_true")
     bd.set_defaults(func=cmd_bench_decode)
+    bf = b.add_parser("forward", help="target forward time over 1..9 tokens, nn.Linear vs SkinnyLinear")
+    common(bf)
+    bf.add_argument("--reps", type=int, default=5)
+    bf.set_defaults(func=cmd_bench_forward)
+
+    def server_flags(sp):
+        sp.add_argument("--host", help="bind address (default 127.0.0.1)")
+        sp.add_argument("--port", type=int, help="HTTP port (default 8000)")
+        sp.add_argument("--replicas", type=int, help="engine replicas (default 1)")
+        sp.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+        sp.add_argument("--redis-url", help="Redis for the rejection stream (default: $REDIS_URL, else a "
+                                            "private redis-server in the data dir)")
+        sp.add_argument("--no-stream", action="store_true", help="do not log rejections")
+
+    bs = b.add_parser("serve", help="load test the HTTP server; logging overhead with the stream on and off")
+    common(bs)
+    server_flags(bs)
+    bs.add_argument("--url", help="a running server (default: start one here)")
+    bs.add_argument("--concurrency", type=int, default=2)
+    bs.add_argument("--requests", type=int, default=8, help="requests per phase")
+    bs.add_argument("--max-tokens", type=int, default=32)
+    bs.add_argument("--pairs", type=int, default=2, help="stream on/off phase pairs (self-started server)")
+    bs.add_argument("--prompts-file", type=Path)
+    bs.add_argument("--json", action="store_true")
+    bs.set_defaults(func=cmd_bench_serve)
+
+    sv = sub.add_parser("serve", help="the OpenAI-compatible endpoint on Ray Serve")
+    common(sv)
+    server_flags(sv)
+    sv.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("drafter", help="drafter checkpoints").add_subparsers(dest="drafter_cmd", required=True)
     dd = d.add_parser("distill", help="distil a drafter offline on text the target generates")
@@ -178,12 +285,15 @@ def main(argv: list[str] | None = None) -> int:
     from onspec.actors.engine import RequestError
     from onspec.actors.models import ModelLoadError
     from onspec.cluster.prompts import PromptFileError
+    from onspec.cluster.redis_server import RedisServerError
+    from onspec.cluster.serve import ServeError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (CLIError, PromptFileError, RequestError, CheckpointError, ModelLoadError) as e:
+    except (CLIError, PromptFileError, RequestError, CheckpointError, ModelLoadError, RedisServerError,
+            ServeError) as e:
         print(f"onspec: error: {e}", file=sys.stderr)
         return 2
     except ValidationError as e:

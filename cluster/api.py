@@ -1,0 +1,400 @@
+"""The OpenAI-compatible HTTP API (FastAPI), independent of Ray: it talks to a *backend* with three methods:
+
+    async complete(request: dict) -> dict         a replica result or an error event (actors/replica.py)
+    stream(request: dict) -> AsyncIterator[dict]  replica events; closing it early must stop generation
+    async ready() -> dict                         Replica.ready()
+    async stats() -> dict                         Replica.stats()
+
+cluster/serve.py passes a backend over Ray Serve deployment handles; tests may pass a local one.
+Every refusal is a 4xx with OpenAI's error body {"error": {"message", "type", "param", "code"}}.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from onspec.cluster.config import OnspecConfig
+
+LABEL_PATTERN = r"^[A-Za-z0-9_.:/-]{1,64}$"
+ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat_completions"}
+MAX_METRIC_LABELS = 32  # distinct `label` values given their own metric series; the rest count as "other"
+
+
+# ---- request schemas ----------------------------------------------------------------------------------------
+class _Request(BaseModel):
+    # OpenAI clients send fields we do not use (user, frequency_penalty, ...): accept and ignore them.
+    model_config = ConfigDict(extra="ignore")
+    model: Optional[str] = None
+    max_tokens: Optional[int] = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="onspec extension: 0 = no top-k cut")
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1, description="torch's seed range")
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    stop: Optional[Union[str, list[str]]] = None
+    stream: bool = False
+    stream_options: Optional[dict[str, Any]] = None
+    label: Optional[str] = Field(None, pattern=LABEL_PATTERN,
+                                 description="onspec extension: tags traffic (domain, tenant) in the stream and "
+                                             "the metrics")
+
+
+class CompletionRequest(_Request):
+    prompt: Union[str, list[str]]
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart], None] = None
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = None
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.body = status, {"error": {"message": message, "type": type, "param": param,
+                                                    "code": code}}
+
+
+def error_response(status: int, error: dict) -> JSONResponse:
+    return JSONResponse({"error": error}, status_code=status)
+
+
+# ---- metrics ------------------------------------------------------------------------------------------------
+class Metrics:
+    """A private prometheus_client registry of what passes through this ingress, plus the stream loggers'
+    counters as each engine replica last reported them (they ride along with every finished request)."""
+
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("onspec_requests", "HTTP requests", ["endpoint", "status"], registry=r)
+        self.latency = Histogram("onspec_request_latency_seconds", "request latency", ["endpoint"], registry=r,
+                                 buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128))
+        self.ttft = Histogram("onspec_time_to_first_token_seconds", "time to the first token (streams)",
+                              registry=r, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32))
+        self.prompt_tokens = Counter("onspec_prompt_tokens", "prompt tokens", ["label"], registry=r)
+        self.completion_tokens = Counter("onspec_completion_tokens", "generated tokens", ["label"], registry=r)
+        self.drafted = Counter("onspec_spec_draft_tokens", "drafted tokens", ["label"], registry=r)
+        self.accepted = Counter("onspec_spec_accepted_tokens", "accepted draft tokens", ["label"], registry=r)
+        self.cancelled = Counter("onspec_requests_cancelled", "streams the client left early", registry=r)
+        self.replicas: dict[str, dict] = {}
+        self._labels: set[str] = set()
+        r.register(self)
+
+    def label(self, label: str | None) -> str:
+        if not label:
+            return ""
+        if label in self._labels or len(self._labels) < MAX_METRIC_LABELS:
+            self._labels.add(label)
+            return label
+        return "other"
+
+    def finished(self, label: str | None, usage: dict, replica: dict | None) -> None:
+        lab = self.label(label)
+        self.prompt_tokens.labels(lab).inc(usage["prompt_tokens"])
+        self.completion_tokens.labels(lab).inc(usage["completion_tokens"])
+        self.drafted.labels(lab).inc(usage["drafted_tokens"])
+        self.accepted.labels(lab).inc(usage["accepted_tokens"])
+        if replica:
+            self.replicas[replica["replica_id"]] = replica
+
+    def collect(self):
+        written = CounterMetricFamily("onspec_stream_records_written", "records Redis acknowledged",
+                                      labels=["replica"])
+        dropped = CounterMetricFamily("onspec_stream_records_dropped", "records dropped (buffer full)",
+                                      labels=["replica"])
+        errors = CounterMetricFamily("onspec_stream_write_errors", "failed stream writes", labels=["replica"])
+        pending = GaugeMetricFamily("onspec_stream_records_pending", "records waiting for Redis",
+                                    labels=["replica"])
+        gen = CounterMetricFamily("onspec_engine_generate_seconds", "time spent generating", labels=["replica"])
+        cpu = CounterMetricFamily("onspec_stream_logger_cpu_seconds", "CPU time of the stream writer thread",
+                                  labels=["replica"])
+        obs = CounterMetricFamily("onspec_stream_observer_seconds", "part of it spent handing records to the "
+                                  "logger (the logging cost on the request path)", labels=["replica"])
+        for rid, rep in self.replicas.items():
+            gen.add_metric([rid], rep.get("generate_s", 0.0))
+            obs.add_metric([rid], rep.get("observer_s", 0.0))
+            log = rep.get("logger")
+            if log:
+                written.add_metric([rid], log["written"])
+                dropped.add_metric([rid], log["dropped"])
+                errors.add_metric([rid], log["errors"])
+                pending.add_metric([rid], log["pending"])
+                cpu.add_metric([rid], log.get("cpu_s", 0.0))
+        yield from (written, dropped, errors, pending, gen, obs, cpu)
+
+
+# ---- the app ------------------------------------------------------------------------------------------------
+def create_app(cfg: OnspecConfig, backend) -> FastAPI:
+    app = FastAPI(title="onspec", docs_url=None, redoc_url=None, openapi_url=None)
+    model_name = cfg.server.served_model_name or cfg.model.name
+    metrics = Metrics()
+    app.state.metrics = metrics
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        metrics.requests.labels(ENDPOINTS.get(request.url.path, "other"), str(e.status)).inc()
+        return JSONResponse(e.body, status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        return error_response(e.status_code, {"message": str(e.detail), "type": "invalid_request_error",
+                                              "param": None, "code": None})
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        return error_response(500, {"message": f"internal error: {type(e).__name__}", "type": "server_error",
+                                    "param": None, "code": None})
+
+    async def parse(request: Request, schema: type[_Request]) -> _Request:
+        limit = cfg.server.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"the request body is over {limit} bytes", code="body_too_large")
+        body = await request.body()
+        if len(body) > limit:
+            raise APIError(413, f"the request body is over {limit} bytes", code="body_too_large")
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "the body must be a JSON object", code="invalid_json")
+        try:
+            req = schema.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"]) or None
+            raise APIError(400, f"{loc}: {err['msg']}" if loc else err["msg"], param=loc,
+                           code="invalid_value") from None
+        if req.model is not None and req.model != model_name:
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found", type="not_found_error")
+        if req.stop:
+            raise APIError(400, "stop sequences are not supported", param="stop", code="unsupported")
+        return req
+
+    def sampling(req: _Request, max_tokens: int | None, default_max: int) -> dict:
+        param = "max_completion_tokens" if isinstance(req, ChatCompletionRequest) and \
+            req.max_completion_tokens is not None else "max_tokens"
+        n = default_max if max_tokens is None else max_tokens
+        if n < 1:
+            raise APIError(400, f"{param} must be at least 1, got {n}", param=param, code="invalid_value")
+        if n > cfg.server.max_tokens_limit:
+            raise APIError(400, f"{param} must be at most {cfg.server.max_tokens_limit}, got {n}", param=param,
+                           code="invalid_value")
+        return {"max_tokens": n, "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
+                "seed": req.seed, "label": req.label, "request_id": uuid.uuid4().hex}
+
+    async def call(endpoint: str, req: _Request, payload: dict, render) -> Any:
+        t0 = time.perf_counter()
+        if req.stream:
+            return await stream(endpoint, req, payload, render, t0)
+        try:
+            res = await backend.complete(payload)
+        except Exception as e:  # the replica is gone or overloaded: the client may retry
+            raise APIError(503, f"no replica could serve the request: {type(e).__name__}", type="server_error",
+                           code="unavailable") from None
+        if res["type"] == "error":
+            metrics.requests.labels(endpoint, str(res["status"])).inc()
+            return error_response(res["status"], res["error"])
+        metrics.finished(req.label, res["usage"], res.get("replica"))
+        metrics.requests.labels(endpoint, "200").inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+        return render.full(res)
+
+    async def stream(endpoint: str, req: _Request, payload: dict, render, t0: float):
+        events = backend.stream(payload)
+        try:
+            first = await events.__anext__()
+        except Exception as e:
+            await events.aclose()
+            raise APIError(503, f"no replica could serve the request: {type(e).__name__}", type="server_error",
+                           code="unavailable") from None
+        if first["type"] == "error":
+            await events.aclose()
+            metrics.requests.labels(endpoint, str(first["status"])).inc()
+            return error_response(first["status"], first["error"])
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+
+        async def body():
+            finished = False
+            first_token = True
+            try:
+                for chunk in render.opening():
+                    yield sse(chunk)
+                async for ev in events:
+                    if ev["type"] == "delta":
+                        if first_token:
+                            metrics.ttft.observe(time.perf_counter() - t0)
+                            first_token = False
+                        if ev["text"]:
+                            yield sse(render.delta(ev["text"]))
+                    elif ev["type"] == "end":
+                        finished = True
+                        metrics.finished(req.label, ev["usage"], ev.get("replica"))
+                        yield sse(render.finish(ev["finish_reason"]))
+                        if include_usage:
+                            yield sse(render.usage(ev["usage"]))
+                    elif ev["type"] == "error":
+                        finished = True
+                        yield sse({"error": ev["error"]})
+                if not finished:
+                    yield sse({"error": {"message": "generation ended early", "type": "server_error",
+                                         "param": None, "code": None}})
+                yield "data: [DONE]\n\n"
+                metrics.requests.labels(endpoint, "200").inc()
+                metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+            except Exception as e:  # the replica died mid-stream: say so in the stream (headers are gone)
+                yield sse({"error": {"message": f"generation failed: {type(e).__name__}", "type": "server_error",
+                                     "param": None, "code": None}})
+                yield "data: [DONE]\n\n"
+            finally:
+                if not finished:
+                    metrics.cancelled.inc()
+                # Closing the backend stream cancels the generation on the replica (client disconnects too).
+                await events.aclose()
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ---- endpoints ----------------------------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await parse(request, CompletionRequest)
+        prompt = req.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise APIError(400, "prompt must be a string or a list of exactly one string", param="prompt",
+                               code="invalid_value")
+            prompt = prompt[0]
+        payload = {"prompt": prompt, **sampling(req, req.max_tokens, 16)}
+        return await call("completions", req, payload, _CompletionRender(model_name))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await parse(request, ChatCompletionRequest)
+        messages = [{"role": "system" if m.role == "developer" else m.role,
+                     "content": m.content if isinstance(m.content, str) or m.content is None
+                     else "".join(p.text for p in m.content)} for m in req.messages]
+        if not any((m["content"] or "").strip() for m in messages):
+            raise APIError(400, "the messages are empty", param="messages", code="empty_prompt")
+        limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        payload = {"messages": [{**m, "content": m["content"] or ""} for m in messages],
+                   **sampling(req, limit, 256)}
+        return await call("chat_completions", req, payload, _ChatRender(model_name))
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "onspec"}]}
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        try:
+            state = await asyncio.wait_for(backend.ready(), 10.0)
+        except Exception as e:
+            return JSONResponse({"status": "unavailable", "reason": f"no engine replica answered within 10 s: "
+                                                                   f"{type(e).__name__}"}, status_code=503)
+        # Redis down is degraded, not unready: serving goes on and the records wait in the buffer.
+        status = "ok" if state["redis"] in ("ok", "disabled") else "degraded"
+        return {"status": status, **state}
+
+    @app.get("/metrics")
+    async def prometheus():
+        try:  # a fresh snapshot of one replica's logger counters (the others update as their requests finish)
+            rep = await asyncio.wait_for(backend.stats(), 2.0)
+            metrics.replicas[rep["replica_id"]] = rep
+        except Exception:
+            pass  # busy or gone: the last reported figures stand
+        return PlainTextResponse(generate_latest(metrics.registry),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+# ---- OpenAI response shapes ---------------------------------------------------------------------------------
+class _CompletionRender:
+    object = "text_completion"
+
+    def __init__(self, model: str):
+        self.model, self.id, self.created = model, f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def _base(self, **kw) -> dict:
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model, **kw}
+
+    def full(self, res: dict) -> dict:
+        return self._base(choices=[{"index": 0, "text": res["text"], "logprobs": None,
+                                    "finish_reason": res["finish_reason"]}], usage=res["usage"])
+
+    def opening(self) -> list[dict]:
+        return []
+
+    def delta(self, text: str) -> dict:
+        return self._base(choices=[{"index": 0, "text": text, "logprobs": None, "finish_reason": None}])
+
+    def finish(self, reason: str) -> dict:
+        return self._base(choices=[{"index": 0, "text": "", "logprobs": None, "finish_reason": reason}])
+
+    def usage(self, usage: dict) -> dict:
+        return self._base(choices=[], usage=usage)
+
+
+class _ChatRender(_CompletionRender):
+    object = "chat.completion"
+
+    def __init__(self, model: str):
+        super().__init__(model)
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+
+    def full(self, res: dict) -> dict:
+        return self._base(choices=[{"index": 0, "message": {"role": "assistant", "content": res["text"]},
+                                    "logprobs": None, "finish_reason": res["finish_reason"]}],
+                          usage=res["usage"])
+
+    def _chunk(self, **kw) -> dict:
+        return {**self._base(**kw), "object": "chat.completion.chunk"}
+
+    def opening(self) -> list[dict]:
+        return [self._chunk(choices=[{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                      "logprobs": None, "finish_reason": None}])]
+
+    def delta(self, text: str) -> dict:
+        return self._chunk(choices=[{"index": 0, "delta": {"content": text}, "logprobs": None,
+                                     "finish_reason": None}])
+
+    def finish(self, reason: str) -> dict:
+        return self._chunk(choices=[{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
+
+    def usage(self, usage: dict) -> dict:
+        return self._chunk(choices=[], usage=usage)

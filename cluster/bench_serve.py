@@ -1,0 +1,166 @@
+"""`onspec bench serve`: load on the HTTP endpoint (streaming requests, so time to first token is seen) and
+the cost of rejection logging, measured as the same greedy load with the stream on and off.
+
+Against ``--url`` only the load is measured (the server's logging switch is not ours to flip). Self-started,
+the phases alternate on, off, on, off (one user_config switch each, the replicas keep running), so drift in the
+machine's load hits both sides alike; greedy decoding makes both sides generate the very same tokens.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import time
+
+import httpx
+
+from onspec.cluster.config import OnspecConfig
+from onspec.cluster.prompts import PromptSpec
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return 0.0
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]  # nearest rank
+
+
+async def _one(client: httpx.AsyncClient, url: str, model: str, spec: PromptSpec, max_tokens: int) -> dict:
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if spec.messages is not None:
+        path, body["messages"] = "/v1/chat/completions", spec.messages
+    else:
+        path, body["prompt"] = "/v1/completions", spec.prompt
+    t0 = time.perf_counter()
+    ttft, usage = None, None
+    async with client.stream("POST", url + path, json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{path}: HTTP {r.status_code}: {(await r.aread()).decode()[:200]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"{path}: {chunk['error']['message']}")
+            choices = chunk.get("choices") or []
+            if ttft is None and choices and (choices[0].get("text") or choices[0].get("delta", {}).get("content")):
+                ttft = time.perf_counter() - t0
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+    return {"latency": time.perf_counter() - t0, "ttft": ttft or 0.0, "usage": usage}
+
+
+async def run_load(url: str, model: str, specs: list[PromptSpec], concurrency: int, requests: int,
+                   max_tokens: int) -> dict:
+    sem = asyncio.Semaphore(concurrency)
+
+    async def limited(client, spec):
+        async with sem:
+            return await _one(client, url, model, spec, max_tokens)
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        t0 = time.perf_counter()
+        rows = await asyncio.gather(*(limited(client, specs[i % len(specs)]) for i in range(requests)))
+        wall = time.perf_counter() - t0
+    tokens = sum(r["usage"]["completion_tokens"] for r in rows)
+    drafted = sum(r["usage"]["drafted_tokens"] for r in rows)
+    accepted = sum(r["usage"]["accepted_tokens"] for r in rows)
+    lat, ttft = [r["latency"] for r in rows], [r["ttft"] for r in rows]
+    return {"requests": requests, "concurrency": concurrency, "wall_s": round(wall, 3),
+            "completion_tokens": tokens, "tokens_per_s": round(tokens / wall, 3),
+            "requests_per_s": round(requests / wall, 4),
+            "latency_p50_s": round(percentile(lat, 50), 3), "latency_p99_s": round(percentile(lat, 99), 3),
+            "ttft_p50_s": round(percentile(ttft, 50), 3), "ttft_p99_s": round(percentile(ttft, 99), 3),
+            "drafted_tokens": drafted, "accepted_tokens": accepted,
+            "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0}
+
+
+def scrape(url: str) -> dict:
+    """Totals over all replicas of the counters the bench needs, from /metrics."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+
+    def total(name):
+        return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)", text, re.M))
+
+    return {"records": total("onspec_stream_records_written_total"),
+            "generate_s": total("onspec_engine_generate_seconds_total"),
+            "observer_s": total("onspec_stream_observer_seconds_total"),
+            "logger_cpu_s": total("onspec_stream_logger_cpu_seconds_total")}
+
+
+def _merge(phases: list[dict]) -> dict:
+    """Phases of one side summed: throughput over their total wall time, latencies as the phases' medians."""
+    wall = sum(p["wall_s"] for p in phases)
+    tokens = sum(p["completion_tokens"] for p in phases)
+    out = {"wall_s": round(wall, 3), "completion_tokens": tokens, "tokens_per_s": round(tokens / wall, 3)}
+    for k in ("latency_p50_s", "latency_p99_s", "ttft_p50_s", "ttft_p99_s", "acceptance_rate"):
+        out[k] = round(percentile([p[k] for p in phases], 50), 4)
+    out["records"] = sum(p.get("records", 0) for p in phases)
+    out["logging_cost_pct"] = round(max(p.get("logging_cost_pct", 0.0) for p in phases), 4)
+    return out
+
+
+def bench_serve(cfg: OnspecConfig, specs: list[PromptSpec], url: str | None = None, concurrency: int = 2,
+                requests: int = 8, max_tokens: int = 32, pairs: int = 2, log=lambda *_: None) -> dict:
+    model = cfg.server.served_model_name or cfg.model.name
+
+    def load() -> dict:
+        return asyncio.run(run_load(target, model, specs, concurrency, requests, max_tokens))
+
+    if url:
+        target = url.rstrip("/")
+        return {"url": target, "load": load(), "logging_overhead": None}
+
+    from onspec.cluster.serve import Cluster
+
+    cluster = Cluster(cfg.merged(**{"stream.enabled": True})).start()
+    target = cluster.url
+    try:
+        log(f"server up at {target}; warming up")
+        asyncio.run(run_load(target, model, specs, 1, 1, 8))
+        phases = {True: [], False: []}
+        for enabled in (True, False) * pairs:
+            cluster.set_stream_enabled(enabled)
+            before = scrape(target)
+            result = load()
+            time.sleep(0.2)  # let the logger's last batch land before counting
+            after = scrape(target)
+            result["records"] = int(after["records"] - before["records"])
+            gen = after["generate_s"] - before["generate_s"]
+            cost = after["observer_s"] - before["observer_s"] + after["logger_cpu_s"] - before["logger_cpu_s"]
+            # Direct and far less noisy than the throughput difference: request-path time plus the writer
+            # thread's CPU, as a share of generation time.
+            result["logging_cost_pct"] = round(cost / gen * 100, 4) if gen else 0.0
+            log(f"stream {'on ' if enabled else 'off'}: {json.dumps(result)}")
+            phases[enabled].append(result)
+    finally:
+        cluster.stop()
+    on, off = _merge(phases[True]), _merge(phases[False])
+    # Each on phase against the off phase right after it; the median resists a burst of outside load.
+    paired = [(b["tokens_per_s"] - a["tokens_per_s"]) / b["tokens_per_s"] * 100
+              for a, b in zip(phases[True], phases[False]) if b["tokens_per_s"]]
+    return {"url": target, "concurrency": concurrency, "requests_per_phase": requests, "max_tokens": max_tokens,
+            "replicas": cfg.server.replicas, "pairs": pairs, "stream_on": on, "stream_off": off,
+            "logging_overhead_pct": round(percentile(paired, 50), 2),
+            "paired_overhead_pct": [round(x, 2) for x in paired],
+            "phases": {"on": phases[True], "off": phases[False]}}
+
+
+def format_report(result: dict) -> str:
+    if result.get("stream_on") is None:
+        lines = [f"load on {result['url']} (logging overhead needs a self-started server: omit --url)"]
+        lines += [f"  {k:22s} {v}" for k, v in result["load"].items()]
+        return "\n".join(lines)
+    on, off = result["stream_on"], result["stream_off"]
+    lines = [f"{'':22s} {'stream on':>12s} {'stream off':>12s}"]
+    for k in ("tokens_per_s", "latency_p50_s", "latency_p99_s", "ttft_p50_s", "ttft_p99_s", "acceptance_rate",
+              "records", "logging_cost_pct", "completion_tokens", "wall_s"):
+        lines.append(f"{k:22s} {on[k]:>12} {off[k]:>12}")
+    lines.append(f"logging overhead: {result['logging_overhead_pct']:+.2f}% of serving throughput "
+                 f"(median of {result['pairs']} on/off pairs: {result['paired_overhead_pct']}; concurrency "
+                 f"{result['concurrency']}, {result['requests_per_phase']} requests a phase); "
+                 f"measured directly: {on['logging_cost_pct']:.3f}% of generation time (request path + writer "
+                 f"thread CPU)")
+    return "\n".join(lines)

@@ -1,0 +1,263 @@
+"""Ray Serve wiring: two thin deployments over the plain classes.
+
+  onspec-engine  N replicas, each a Replica (actors/replica.py): the engine and its stream logger
+  onspec-api     the FastAPI ingress (cluster/api.py); it reaches the engine replicas through a handle
+
+The ingress is separate so that parsing, refusals, /metrics and /readyz never wait behind a generation, and so
+that its metrics cover all traffic. ``Cluster`` starts everything (Ray, the private Redis, the app) and stops it
+in reverse order; ``onspec serve`` and the tests use it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from pathlib import Path
+
+from onspec.cluster.config import OnspecConfig
+
+APP_NAME = "onspec"
+log = logging.getLogger("onspec.serve")
+
+
+class HandleBackend:
+    """cluster/api.py's backend over a DeploymentHandle to the engine deployment."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def complete(self, req: dict) -> dict:
+        resp = self.handle.complete.remote(req)
+        try:
+            return await resp
+        except BaseException:
+            resp.cancel()  # the client left (or the ingress is stopping): stop generating
+            raise
+
+    async def stream(self, req: dict):
+        gen = self.handle.options(stream=True).stream.remote(req)
+        done = False
+        try:
+            async for ev in gen:
+                done = ev["type"] in ("end", "error")
+                yield ev
+        finally:
+            if not done:
+                gen.cancel()  # reaches the replica's generator as CancelledError: the slot is freed
+
+    async def ready(self) -> dict:
+        return await self.handle.ready.remote()
+
+    async def stats(self) -> dict:
+        return await self.handle.stats.remote()
+
+
+class EngineDeployment:
+    def __init__(self, cfg: dict):
+        from onspec.actors.replica import Replica
+        from onspec.actors.stream_logger import StreamLogger, encode_record
+
+        self.cfg = OnspecConfig.model_validate(cfg)
+        logger = None
+        if self.cfg.redis.url:
+            logger = StreamLogger.from_config(self.cfg, encode=lambda item: encode_record(*item))
+        from ray import serve
+
+        rid = serve.get_replica_context().replica_id.unique_id
+        self.replica = Replica(self.cfg, logger=logger, replica_id=rid)
+        self.metrics = _RayMetrics()
+
+    def reconfigure(self, user_config: dict) -> None:
+        # Only a switch, never weights (conventions: user_config is for small settings).
+        if "stream_enabled" in user_config:
+            self.replica.set_stream_enabled(bool(user_config["stream_enabled"]))
+
+    async def complete(self, req: dict) -> dict:
+        res = await self.replica.acomplete(req)
+        if res["type"] == "result":
+            self._count(req, res)
+        return res
+
+    async def stream(self, req: dict):
+        async for ev in self.replica.astream(req):
+            if ev["type"] == "end":
+                self._count(req, ev)
+            yield ev
+
+    def _count(self, req: dict, ev: dict) -> None:
+        try:
+            self.metrics.finished(req.get("label"), ev["usage"], ev["replica"])
+        except Exception:  # metrics must never fail a request
+            log.exception("recording replica metrics failed")
+
+    async def ready(self) -> dict:
+        return await self.replica.aready()
+
+    async def stats(self) -> dict:
+        return self.replica.stats()
+
+    def __del__(self):
+        # Serve calls this on a graceful replica shutdown: write what the logger still holds.
+        replica = getattr(self, "replica", None)
+        if replica is not None:
+            replica.close()
+
+
+class _RayMetrics:
+    """The same figures as the ingress's /metrics, kept per replica with Ray's metrics API: Ray tags them with
+    deployment and replica and every node's metrics agent exports them (what a cluster's Prometheus scrapes)."""
+
+    def __init__(self):
+        from ray.serve.metrics import Counter, Gauge
+
+        self.tokens = Counter("onspec_replica_completion_tokens", "generated tokens", tag_keys=("label",))
+        self.drafted = Counter("onspec_replica_draft_tokens", "drafted tokens", tag_keys=("label",))
+        self.accepted = Counter("onspec_replica_accepted_tokens", "accepted draft tokens", tag_keys=("label",))
+        self.written = Gauge("onspec_replica_stream_records_written", "records Redis acknowledged (running total)")
+        self.dropped = Gauge("onspec_replica_stream_records_dropped", "records dropped, buffer full (running total)")
+        self.pending = Gauge("onspec_replica_stream_records_pending", "records waiting for Redis")
+        self.labels: set[str] = set()
+
+    def finished(self, label: str | None, usage: dict, replica: dict) -> None:
+        from onspec.cluster.api import MAX_METRIC_LABELS
+
+        label = label or ""
+        if label not in self.labels:  # bounded series, as on the ingress
+            if len(self.labels) >= MAX_METRIC_LABELS:
+                label = "other"
+            else:
+                self.labels.add(label)
+        tags = {"label": label}
+        for counter, key in ((self.tokens, "completion_tokens"), (self.drafted, "drafted_tokens"),
+                             (self.accepted, "accepted_tokens")):
+            if usage[key] > 0:  # Ray's Counter.inc refuses 0
+                counter.inc(usage[key], tags)
+        log = replica.get("logger")
+        if log:
+            self.written.set(log["written"])
+            self.dropped.set(log["dropped"])
+            self.pending.set(log["pending"])
+
+
+class ApiDeployment:
+    def __init__(self, cfg: dict, engine):
+        self.cfg = OnspecConfig.model_validate(cfg)
+        self.backend = HandleBackend(engine)
+
+    def __serve_build_asgi_app__(self):
+        from onspec.cluster.api import create_app
+        return create_app(self.cfg, self.backend)
+
+
+def build_app(cfg: OnspecConfig, stream_enabled: bool | None = None, version: str | None = None):
+    """The Serve application for ``cfg`` (``cfg.redis.url`` must already point at a running Redis, or be None
+    for no stream at all). Deploying it again with the same ``version`` and only ``stream_enabled`` changed
+    updates the running replicas in place (``reconfigure``) instead of replacing them."""
+    from ray import serve
+
+    s = cfg.server
+    data = cfg.model_dump(mode="json")
+    engine = serve.deployment(
+        EngineDeployment, name="onspec-engine", num_replicas=s.replicas,
+        max_ongoing_requests=s.max_ongoing_requests, max_queued_requests=s.max_queued_requests,
+        ray_actor_options={"num_cpus": s.replica_cpus},
+        # Generation can be slow on a CPU: do not let health checks kill a busy replica.
+        health_check_timeout_s=120, graceful_shutdown_timeout_s=10,
+        user_config={"stream_enabled": cfg.stream.enabled if stream_enabled is None else stream_enabled},
+    )
+    api = serve.deployment(serve.ingress()(ApiDeployment), name="onspec-api", num_replicas=1,
+                           max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+    if version:
+        # serve.run gives every deployment a random code version, so any redeploy replaces the replicas (and
+        # reloads the model). Ray keeps a fixed one here, but only as a private attribute (the public `version`
+        # option was removed); the version must change whenever the code or anything but user_config does.
+        engine._version = api._version = version
+    return api.bind(data, engine.bind(data))
+
+
+class ServeError(RuntimeError):
+    pass
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail fast with a clear message: Ray's proxy would only log the bind failure and keep retrying."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ServeError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def _absolute_paths(cfg: OnspecConfig) -> OnspecConfig:
+    """Replicas do not run in this process's working directory: relative paths are resolved here."""
+    def resolve(p):
+        return str(Path(p).resolve()) if p is not None else None
+
+    return cfg.merged(**{"data_dir": resolve(cfg.data_dir), "redis.dir": resolve(cfg.redis.dir),
+                         "drafter.checkpoint": resolve(cfg.drafter.checkpoint),
+                         "model.gguf_path": resolve(cfg.model.gguf_path)})
+
+
+class Cluster:
+    """Ray (local or joined), the private redis-server when no URL is given, and the Serve app."""
+
+    def __init__(self, cfg: OnspecConfig, ray_temp_dir: str | None = None):
+        self.cfg = cfg
+        self.ray_temp_dir = ray_temp_dir
+        self.redis = None
+        self.started_ray = False
+        self.version = uuid.uuid4().hex  # one per start: a redeploy from this object changes only user_config
+
+    def start(self) -> "Cluster":
+        import ray
+        from ray import serve
+
+        cfg = self.cfg = _absolute_paths(self.cfg)
+        _check_port_free(cfg.server.host, cfg.server.port)
+        if cfg.redis.url is None and cfg.stream.enabled:
+            from onspec.cluster.redis_server import RedisServer
+            rdir = cfg.redis.dir or Path(cfg.data_dir) / "redis"
+            self.redis = RedisServer(rdir, cfg.redis.port).start()
+            cfg = self.cfg = cfg.merged(**{"redis.url": self.redis.url})
+            log.info("private redis-server at %s (data in %s)", self.redis.url, rdir)
+        try:
+            if not ray.is_initialized():
+                if cfg.server.ray_address:
+                    ray.init(address=cfg.server.ray_address, log_to_driver=False)
+                else:
+                    need = cfg.server.replicas * cfg.server.replica_cpus
+                    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+                             include_dashboard=False, log_to_driver=False, _temp_dir=self.ray_temp_dir)
+                self.started_ray = True
+            serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port})
+            serve.run(build_app(cfg, version=self.version), name=APP_NAME, route_prefix="/")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.cfg.server.host}:{self.cfg.server.port}"
+
+    def set_stream_enabled(self, enabled: bool) -> None:
+        """Switch rejection logging on every replica in place (a user_config update, no restart)."""
+        from ray import serve
+
+        serve.run(build_app(self.cfg, stream_enabled=enabled, version=self.version), name=APP_NAME,
+                  route_prefix="/")
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            if ray.is_initialized():
+                serve.shutdown()
+        finally:
+            if self.started_ray and ray.is_initialized():
+                ray.shutdown()
+            if self.redis is not None:
+                self.redis.stop()

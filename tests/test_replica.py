@@ -1,0 +1,107 @@
+"""The plain Replica (no Ray): results equal the engine's, streams concatenate to them, refusals are error events,
+an abandoned stream frees the engine, and rejection records reach a real redis-server."""
+import asyncio
+import time
+
+import pytest
+import redis
+
+from onspec.actors.engine import SamplingParams
+from onspec.actors.replica import Replica
+from onspec.actors.stream_logger import StreamLogger, decode_record, encode_record
+from onspec.cluster.config import OnspecConfig
+from onspec.cluster.redis_server import RedisServer
+
+from tests.conftest import DATA_DIR
+
+pytestmark = pytest.mark.real_model
+PROMPT = "The three primary colors are"
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    srv = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield srv
+    srv.stop()
+
+
+# Fixed-length drafts: the base drafter is rejected in most rounds, so records are certain (the adaptive
+# controller would soon stop drafting with it).
+CFG = OnspecConfig(data_dir=DATA_DIR).merged(**{"stream.context_window": 16, "stream.topk": 4,
+                                                "speculation.mode": "fixed", "speculation.fixed_k": 3})
+
+
+@pytest.fixture(scope="module")
+def engine():
+    import torch
+
+    from onspec.actors.engine import SpeculativeEngine
+
+    # One torch thread, as in a serving replica: on this shared 2-core machine two OpenMP threads slow down
+    # many times over whenever another process takes a core.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield SpeculativeEngine.from_config(CFG)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def replica(engine, redis_server):
+    cfg = CFG
+    log = StreamLogger(redis_server.url, "test:replica", encode=lambda item: encode_record(*item),
+                       flush_interval_s=0.02)
+    rep = Replica(cfg, engine=engine, logger=log)
+    yield rep
+    rep.close()
+
+
+def test_complete_and_stream_match_generate(replica, engine):
+    want = engine.generate(engine.encode(PROMPT), SamplingParams(max_tokens=12, temperature=0.0))
+    req = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0.0, "label": "colors", "request_id": "r1"}
+    res = replica.complete(req)
+    assert res["type"] == "result" and res["text"] == want.text and res["token_ids"] == want.token_ids
+    u = res["usage"]
+    assert u["completion_tokens"] == 12 and u["total_tokens"] == u["prompt_tokens"] + 12
+    assert u["drafter_version"] == "base" and 0 <= u["accepted_tokens"] <= u["drafted_tokens"]
+    events = list(replica.stream(req))
+    assert events[0] == {"type": "start", "prompt_tokens": u["prompt_tokens"]}
+    assert "".join(e["text"] for e in events if e["type"] == "delta") == want.text
+    assert events[-1]["type"] == "end" and events[-1]["finish_reason"] == "length"
+
+
+def test_refusals_are_error_events(replica):
+    assert replica.complete({"prompt": "", "max_tokens": 4})["error"]["code"] == "empty_prompt"
+    long = replica.complete({"prompt": "word " * 3000, "max_tokens": 4})
+    assert long["status"] == 400 and long["error"]["code"] == "context_length_exceeded"
+    assert replica.complete({"prompt": "x", "max_tokens": 4, "top_p": 0})["error"]["param"] == "top_p"
+
+
+def test_rejections_reach_redis_with_label(replica, redis_server):
+    replica.complete({"prompt": PROMPT, "max_tokens": 12, "temperature": 0.0, "label": "colors",
+                      "request_id": "r2"})
+    assert replica.logger.flush(10)
+    recs = [decode_record(f) for _, f in redis.Redis.from_url(redis_server.url).xrange("test:replica")]
+    mine = [r for r in recs if r["request_id"] == "r2"]
+    assert mine, "the base drafter is rejected often; expected at least one record"
+    r = mine[0]
+    assert r["label"] == "colors" and r["schema_version"] == 1 and len(r["context"]) <= 16
+    assert len(r["topk_ids"]) == len(r["topk_logprobs"]) == 4 and r["topk_ids"][0] == r["target_token"]
+    assert 0 <= r["rejected_pos"] < len(r["drafts"])
+
+
+def test_abandoned_stream_frees_the_engine(replica):
+    async def scenario():
+        gen = replica.astream({"prompt": PROMPT, "max_tokens": 400, "temperature": 0.0})
+        assert (await gen.__anext__())["type"] == "start"
+        assert (await gen.__anext__())["type"] == "delta"
+        await gen.aclose()  # what a client disconnect does
+        t = time.perf_counter()
+        res = await replica.acomplete({"prompt": PROMPT, "max_tokens": 4, "temperature": 0.0})
+        return res, time.perf_counter() - t
+
+    res, took = asyncio.run(scenario())
+    assert res["type"] == "result" and res["usage"]["completion_tokens"] == 4
+    assert took < 20, f"the next request waited {took:.1f} s: the abandoned one kept generating"
+    assert replica.cancelled == 1

@@ -1,0 +1,238 @@
+"""The real server, started once for this module: real Ray Serve (1 engine replica), a real private
+redis-server, the real model. Clients: the `openai` package (streaming included) and httpx."""
+import time
+
+import httpx
+import openai
+import pytest
+import redis
+
+from onspec.actors.engine import SamplingParams
+from onspec.actors.stream_logger import SCHEMA_VERSION, decode_record
+from onspec.cluster.config import OnspecConfig
+from onspec.cluster.redis_server import free_port
+
+from tests.conftest import DATA_DIR
+
+pytestmark = pytest.mark.real_model
+MODEL = "SmolLM2-135M-Instruct"
+PROMPT = "The capital of France is"
+CHAT = [{"role": "user", "content": "Name a fruit."}]
+
+
+def _wait(pred, timeout=30.0, every=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(every)
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from onspec.cluster.serve import Cluster
+
+    cfg = OnspecConfig(data_dir=DATA_DIR).merged(**{
+        "server.port": free_port(), "server.max_body_bytes": 65536,
+        "redis.dir": str(tmp_path_factory.mktemp("redis")), "redis.stream_key": "test:serve",
+        "redis.flush_interval_s": 0.02, "redis.reconnect_backoff_s": 0.05,
+        # Fixed drafts: the base drafter is rejected in most rounds, so every request leaves records.
+        "speculation.mode": "fixed", "speculation.fixed_k": 3,
+    })
+    c = Cluster(cfg).start()
+    try:
+        assert _wait(lambda: httpx.get(c.url + "/readyz", timeout=10).status_code == 200, 120)
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    return openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def expected(real_engine):
+    import torch
+
+    greedy = SamplingParams(max_tokens=10, temperature=0.0)
+    # One torch thread while the server's processes share the machine (two thrash when a core is taken).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {"prompt": real_engine.generate(real_engine.encode(PROMPT), greedy).text,
+                "chat": real_engine.generate(real_engine.encode(messages=CHAT), greedy).text}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _stream_records(cluster):
+    r = redis.Redis.from_url(cluster.cfg.redis.url)
+    try:
+        return [decode_record(f) for _, f in r.xrange("test:serve")]
+    finally:
+        r.close()
+
+
+def test_models_health_ready(cluster, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(cluster.url + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(cluster.url + "/readyz", timeout=10).json()
+    assert ready["status"] == "ok" and ready["model_loaded"] and ready["redis"] == "ok"
+
+
+def test_completion_matches_generate(client, expected):
+    res = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0,
+                                    extra_body={"label": "geo"})
+    assert res.choices[0].text == expected["prompt"]
+    assert res.choices[0].finish_reason == "length"
+    u = res.usage.model_dump()
+    assert u["completion_tokens"] == 10 and u["total_tokens"] == u["prompt_tokens"] + 10
+    assert u["drafter_version"] == "base" and u["drafted_tokens"] > 0
+    assert 0 <= u["accepted_tokens"] <= u["drafted_tokens"] and 0 <= u["acceptance_rate"] <= 1
+
+
+def test_streams_concatenate_to_the_same_text(client, expected):
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected["prompt"]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+    full = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=10, temperature=0)
+    assert full.choices[0].message.content == expected["chat"]
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected["chat"]
+    assert chunks[-1].usage.completion_tokens == 10 and chunks[-1].usage.model_extra["drafted_tokens"] > 0
+
+
+BAD = [
+    # (path, body (str = raw), status, param, code)
+    ("/v1/completions", "{not json", 400, None, "invalid_json"),
+    ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt", "empty_prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": -5}, 400, "max_tokens", None),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens", None),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 10**9}, 400, "max_tokens", None),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 7}, 400, "temperature", None),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": -1}, 400, "temperature", None),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "top_p", None),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 1.5}, 400, "top_p", None),
+    ("/v1/completions", {"model": "gpt-4o", "prompt": "hi"}, 404, "model", "model_not_found"),
+    ("/v1/completions", {"model": MODEL, "prompt": "word " * 3000}, 400, "prompt", "context_length_exceeded"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x" * 70000}, 413, None, "body_too_large"),
+    ("/v1/completions", {"model": MODEL}, 400, "prompt", None),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "seed": 2**70}, 400, "seed", None),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 3}, 400, "n", None),
+    ("/nowhere", {}, 404, None, None),
+    ("/v1/completions", {"model": MODEL, "prompt": "", "stream": True}, 400, "prompt", "empty_prompt"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages", None),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": ""}]}, 400, "messages",
+     "empty_prompt"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "max_completion_tokens": -1}, 400,
+     "max_completion_tokens", None),
+    ("/v1/chat/completions", "[1, 2]", 400, None, "invalid_json"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param,code", BAD,
+                         ids=[f"{i}-{b[2]}-{b[4] or b[3]}" for i, b in enumerate(BAD)])
+def test_bad_input_gets_openai_error(cluster, path, body, status, param, code):
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, str) \
+        else {"json": body}
+    r = httpx.post(cluster.url + path, timeout=30, **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
+    if code:
+        assert err["code"] == code
+
+
+def test_seeded_sampling_repeats(client):
+    kw = dict(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0.9, seed=1234)
+    assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
+
+
+def test_openai_client_sees_typed_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="hi", max_tokens=4)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=CHAT, temperature=3)
+    assert e.value.body["param"] == "temperature"
+
+
+def test_records_in_the_stream_follow_the_schema(cluster, client):
+    client.completions.create(model=MODEL, prompt="Two plus two is", max_tokens=8, temperature=0,
+                              extra_body={"label": "math"})
+    recs = _wait(lambda: [r for r in _stream_records(cluster) if r["label"] == "math"])
+    assert recs, "no record with label 'math' reached Redis"
+    r = recs[0]
+    assert r["schema_version"] == SCHEMA_VERSION and r["drafter_version"] == "base" and r["request_id"]
+    assert 0 < len(r["context"]) <= cluster.cfg.stream.context_window
+    assert 0 <= r["rejected_pos"] < len(r["drafts"]) <= 3
+    assert len(r["topk_ids"]) == len(r["topk_logprobs"]) == cluster.cfg.stream.topk
+    assert r["topk_ids"][0] == r["target_token"] and r["topk_logprobs"] == sorted(r["topk_logprobs"], reverse=True)
+    assert abs(r["ts_ms"] / 1000 - time.time()) < 600
+    metrics = httpx.get(cluster.url + "/metrics").text
+    assert 'onspec_spec_draft_tokens_total{label="math"}' in metrics
+    assert "onspec_stream_records_written_total" in metrics
+
+
+def test_client_disconnect_frees_the_replica(cluster, client):
+    with httpx.stream("POST", cluster.url + "/v1/completions", timeout=60,
+                      json={"model": MODEL, "prompt": PROMPT, "max_tokens": 1000, "temperature": 0,
+                            "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"text":"' in line:
+                break  # one token arrived: hang up
+    t = time.perf_counter()
+    res = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
+    took = time.perf_counter() - t
+    assert res.usage.completion_tokens == 4
+    # 1000 tokens would take minutes here; the next request must not wait for them.
+    assert took < 30, f"the next request waited {took:.0f} s behind an abandoned stream"
+    assert _wait(lambda: httpx.get(cluster.url + "/readyz", timeout=10).json()["replica"]["cancelled"] >= 1)
+
+
+def _replica(cluster):
+    return httpx.get(cluster.url + "/readyz", timeout=10).json()["replica"]
+
+
+def test_stream_switch_updates_replicas_in_place(cluster, client):
+    before = _replica(cluster)["replica_id"]
+    cluster.set_stream_enabled(False)
+    try:
+        assert _wait(lambda: _replica(cluster)["stream_enabled"] is False)
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0,
+                                  extra_body={"label": "quiet"})
+        assert _replica(cluster)["replica_id"] == before, "the switch restarted the replica"
+    finally:
+        cluster.set_stream_enabled(True)
+    assert _wait(lambda: _replica(cluster)["stream_enabled"] is True)
+    client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0,
+                              extra_body={"label": "loud"})
+    assert _wait(lambda: [r for r in _stream_records(cluster) if r["label"] == "loud"])
+    assert not [r for r in _stream_records(cluster) if r["label"] == "quiet"]
+
+
+def test_redis_killed_serving_continues_and_logger_catches_up(cluster, client):
+    srv = cluster.redis
+    srv.kill()
+    try:
+        res = client.completions.create(model=MODEL, prompt="Water boils at", max_tokens=8, temperature=0,
+                                        extra_body={"label": "outage"})
+        assert res.usage.completion_tokens == 8
+        ready = httpx.get(cluster.url + "/readyz", timeout=10)
+        assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+        assert _wait(lambda: httpx.get(cluster.url + "/readyz", timeout=10).json()["replica"]["logger"]
+                     ["errors"] > 0)
+    finally:
+        srv.start()  # same port, same AOF
+    assert _wait(lambda: [r for r in _stream_records(cluster) if r["label"] == "outage"]), \
+        "the records buffered during the outage never reached Redis"
+    assert [r for r in _stream_records(cluster) if r["label"] == "math"], "the AOF lost earlier records"
+    assert _wait(lambda: httpx.get(cluster.url + "/readyz", timeout=10).json()["status"] == "ok")
