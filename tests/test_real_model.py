@@ -25,8 +25,11 @@ def references(real_engine, prompts):
 
 @pytest.fixture(scope="module")
 def deep_drafter(real_engine):
-    # 24 of the target's 30 layers: accepted most of the time, so the accept and bonus paths run often.
-    return derive_drafter(real_engine.target, 24, 16384, always_keep=tuple(real_engine.stop_ids))
+    # All 30 layers and the full vocabulary: the target itself run token by token as a drafter, accepted
+    # nearly always, so the accept and bonus paths run on every round (an early exit, even at 24 of 30
+    # layers, is accepted only ~12% of the time on this model).
+    t = real_engine.target
+    return derive_drafter(t, t.config.num_hidden_layers, t.config.vocab_size)
 
 
 def _check(engine, prompts, references, mode, max_tokens):
@@ -54,7 +57,7 @@ def test_greedy_identity_strong_drafter(real_engine, prompts, references, deep_d
         drafted, accepted = _check(real_engine, prompts, references, mode, max_tokens)
     finally:
         real_engine.set_drafter(default)
-    assert accepted > 0.5 * drafted > 0
+    assert accepted > 0.9 * drafted > 0
 
 
 def test_default_drafter_shares_tokenizer_and_trims_vocab(real_engine):
