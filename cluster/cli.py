@@ -151,12 +151,15 @@ def cmd_serve(args) -> int:
     from onspec.cluster.serve import Cluster
 
     cfg = _serve_config(args)
+    # Ctrl-C must stop the server even when a script started it in the background (which ignores SIGINT).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _on_sigterm)
     cluster = None
     try:
         print("onspec: starting (Ray, Redis, the engine replicas) ...", file=sys.stderr, flush=True)
         cluster = Cluster(cfg).start()
-        signal.signal(signal.SIGTERM, _on_sigterm)  # again: ray.init installs its own handler
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # again: ray.init installs its own handlers
+        signal.signal(signal.SIGTERM, _on_sigterm)
         redis_at = cluster.cfg.redis.url if cluster.cfg.stream.enabled else "off"
         print(f"onspec: serving {cfg.server.served_model_name or cfg.model.name} at {cluster.url}/v1 "
               f"({cfg.server.replicas} replica(s), rejection stream: {redis_at}); Ctrl-C stops",
