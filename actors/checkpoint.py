@@ -9,8 +9,6 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
 from onspec.actors.models import Drafter, sha256_file
 
 WEIGHTS = "drafter.safetensors"

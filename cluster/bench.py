@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from onspec.actors.engine import SamplingParams, SpeculativeEngine
 from onspec.cluster.prompts import PromptSpec
-from onspec.kernels.draft_length import expected_tokens
+from onspec.kernels.draft_length import best_draft_length
 
 
 def bench_decode(engine: SpeculativeEngine, specs: list[PromptSpec], max_tokens: int, repeats: int = 1,
@@ -45,8 +45,7 @@ def bench_decode(engine: SpeculativeEngine, specs: list[PromptSpec], max_tokens:
     ctl = engine.controller
     cost_ratio = ctl.draft_cost / ctl.verify_cost[0]
     k = engine.spec.max_draft if engine.spec.mode == "adaedl" else engine.spec.fixed_k
-    predicted = max([1.0] + [expected_tokens(alpha, j) / (j * cost_ratio + ctl.verify_cost[j] / ctl.verify_cost[0])
-                             for j in range(1, k + 1)])
+    _, predicted = best_draft_length(alpha, ctl.draft_cost, ctl.verify_cost, k)
     return {
         "target_tokens_per_s": round(t_tps, 3),
         "spec_tokens_per_s": round(s_tps, 3),
