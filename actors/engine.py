@@ -90,6 +90,7 @@ class RoundRecord:
     topk_ids: list[int]
     topk_logprobs: list[float]
     drafter_version: str | None
+    temperature: float = 0.0  # the request's: tells the trainer which divergence suits this traffic
 
 
 @dataclass
@@ -184,6 +185,9 @@ class SpeculativeEngine:
         self.round_observer: Callable[[RoundRecord], None] | None = None
         self.record_context = 128   # context tokens kept in a RoundRecord
         self.record_topk = 8        # target log-probabilities kept at the rejected position
+        self._next_drafter = None   # set by any thread (swap_drafter), taken by the decoding thread
+        self._seq = None            # the sequence being decoded, if any
+        self.swaps = 0
 
     @classmethod
     def from_config(cls, cfg: OnspecConfig) -> "SpeculativeEngine":
@@ -216,9 +220,30 @@ class SpeculativeEngine:
 
     # ---- drafter management --------------------------------------------------------------------------------
     def set_drafter(self, drafter) -> None:
-        """Swap the drafter (between requests); the acceptance estimate starts afresh for the new one."""
+        """Swap the drafter now (call it from the decoding thread, or while no request runs)."""
         self.drafter = drafter
-        self.controller.reset()
+        self.controller.reset()  # the acceptance estimate starts afresh for the new drafter
+        self.swaps += 1
+
+    def swap_drafter(self, drafter) -> None:
+        """Hand over a new drafter from any thread: the decoding thread takes it before its next verification
+        round (or the next request), so a round never mixes two drafters. Taking it is one attribute read and
+        write under the GIL: nothing to lock."""
+        self._next_drafter = drafter
+
+    def apply_pending_swap(self) -> None:
+        """Take a handed-over drafter now. Only from the decoding thread (between two steps of ``stream``, or
+        while no request runs): that is what makes the swap atomic with respect to rounds."""
+        self._take_swap(self._seq)
+
+    def _take_swap(self, seq: "_Sequence | None" = None) -> None:
+        drafter, self._next_drafter = self._next_drafter, None
+        if drafter is None:
+            return
+        self.set_drafter(drafter)
+        if seq is not None:
+            # The old drafter's KV cache means nothing to the new one: it re-reads the sequence on its next draft.
+            seq.dcache, seq.dlen = DynamicCache(), 0
 
     @torch.inference_mode()
     def calibrate(self, reps: int = 3) -> None:
@@ -265,6 +290,7 @@ class SpeculativeEngine:
         params.validate()
         self.check_prompt(prompt_ids)
         stats = stats if stats is not None else GenerationStats()
+        self._take_swap()
         if speculate and not self.calibrated and self.spec.cost_aware and self.spec.mode == "adaedl":
             self.calibrate()
         t0 = time.perf_counter()
@@ -275,19 +301,23 @@ class SpeculativeEngine:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed if params.seed is not None else int(torch.seed() % (2**63)))
         seq = _Sequence(tokens=list(prompt_ids), prompt_len=len(prompt_ids), params=params, generator=gen)
+        self._seq = seq
         budget = min(params.max_tokens, self.max_context - len(prompt_ids))
 
-        new = [self._prefill(seq)]
-        stats.target_forwards += 1
-        while True:
-            new, done = self._finish(seq, new, budget, stats)
-            stats.completion_tokens += len(new)
-            stats.elapsed_s = time.perf_counter() - t0
-            if new:
-                yield new
-            if done:
-                return
-            new = self._round(seq, speculate, budget, stats)
+        try:
+            new = [self._prefill(seq)]
+            stats.target_forwards += 1
+            while True:
+                new, done = self._finish(seq, new, budget, stats)
+                stats.completion_tokens += len(new)
+                stats.elapsed_s = time.perf_counter() - t0
+                if new:
+                    yield new
+                if done:
+                    return
+                new = self._round(seq, speculate, budget, stats)
+        finally:
+            self._seq = None
 
     def _finish(self, seq: _Sequence, new: list[int], budget: int, stats: GenerationStats):
         """Cut ``new`` at the first stop token or the token budget; tokens are already in seq.tokens."""
@@ -349,9 +379,13 @@ class SpeculativeEngine:
         self.round_observer(RoundRecord(
             context=seq.tokens[max(0, old_len - self.record_context):old_len], drafts=drafts, accepted=n,
             target_token=nxt, topk_ids=top.indices.tolist(), topk_logprobs=top.values.tolist(),
-            drafter_version=getattr(self.drafter, "version", None)))
+            drafter_version=getattr(self.drafter, "version", None), temperature=float(seq.params.temperature)))
 
     def _round(self, seq: _Sequence, speculate: bool, budget: int, stats: GenerationStats) -> list[int]:
+        if self._next_drafter is not None:
+            self._take_swap(seq)
+            if speculate:
+                stats.drafter_version = getattr(self.drafter, "version", None)
         old_len = len(seq.tokens)  # the pending token sits at old_len - 1
         room = min(self.max_context - old_len - 1, budget - (old_len - seq.prompt_len))
         cap = min(self.controller.draft_cap(), max(room, 0)) if speculate else 0

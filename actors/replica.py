@@ -52,6 +52,8 @@ class Replica:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="onspec-engine")
         self._lock = asyncio.Lock()
         self.cancelled = 0  # requests whose caller went away mid-generation
+        self.in_flight = 0  # requests running or waiting here (what the trainer yields to)
+        self.watcher = None  # actors/hot_swap.DrafterWatcher, when a registry is configured
         self.generate_s = 0.0  # time spent generating, and the part of it spent handing records to the logger
         self.observer_s = 0.0
 
@@ -124,8 +126,22 @@ class Replica:
     def complete(self, req: dict) -> dict:
         return collect(self.stream(req))
 
+    def load(self) -> dict:
+        return {"in_flight": self.in_flight, "queued": max(0, self.in_flight - 1)}
+
+    def apply_pending_swap(self) -> None:
+        """Queue the drafter swap on the engine's own thread: it runs between two rounds of a request, or at
+        once when the replica is idle."""
+        self._pool.submit(self.engine.apply_pending_swap)
+
+    def _load_changed(self) -> None:
+        if self.watcher is not None:
+            self.watcher.poke()
+
     def stats(self) -> dict:
-        return {"replica_id": self.replica_id, "cancelled": self.cancelled,
+        return {"replica_id": self.replica_id, "cancelled": self.cancelled, "in_flight": self.in_flight,
+                "drafter_version": getattr(self.engine.drafter, "version", None),
+                "drafter_swaps": self.engine.swaps,
                 "generate_s": round(self.generate_s, 6), "observer_s": round(self.observer_s, 6),
                 "stream_enabled": self.engine.round_observer is not None,
                 "logger": self.logger.stats() if self.logger is not None else None}
@@ -141,6 +157,18 @@ class Replica:
     # ---- the async interface (what the deployment exposes) ----------------------------------------------------
     async def astream(self, req: dict) -> AsyncIterator[dict]:
         loop = asyncio.get_running_loop()
+        self.in_flight += 1
+        self._load_changed()
+        inner = self._astream_locked(req, loop)
+        try:
+            async for item in inner:
+                yield item
+        finally:
+            await inner.aclose()  # now, not at garbage collection: the slot is freed before the count drops
+            self.in_flight -= 1
+            self._load_changed()
+
+    async def _astream_locked(self, req: dict, loop) -> AsyncIterator[dict]:
         async with self._lock:
             it = self.stream(req)
             done = False
@@ -165,6 +193,8 @@ class Replica:
         return await asyncio.to_thread(self.ready)
 
     def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
         if self.logger is not None:
             self.logger.close()
         self._pool.shutdown(wait=False)

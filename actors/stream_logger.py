@@ -47,6 +47,7 @@ def encode_record(rec, label: str, ts: float, request_id: str = "") -> dict[str,
         "target_token": rec.target_token,
         "topk_ids": _u32(rec.topk_ids),
         "topk_logprobs": _f32(rec.topk_logprobs),
+        "temperature": repr(float(getattr(rec, "temperature", 0.0))),
     }
 
 
@@ -69,6 +70,8 @@ def decode_record(fields: dict) -> dict[str, Any]:
         "context": ids("context"), "drafts": ids("drafts"), "rejected_pos": int(f["rejected_pos"]),
         "target_token": int(f["target_token"]), "topk_ids": ids("topk_ids"),
         "topk_logprobs": list(struct.unpack(f"<{len(lp) // 4}f", lp)),
+        # Added within schema 1 as an optional field: records written before it count as greedy.
+        "temperature": float(text("temperature")) if "temperature" in f else 0.0,
     }
 
 

@@ -7,25 +7,27 @@
 
 cluster/serve.py passes a backend over Ray Serve deployment handles; tests may pass a local one.
 Every refusal is a 4xx with OpenAI's error body {"error": {"message", "type", "param", "code"}}.
+The same app serves the drafter registry's admin endpoints (/v1/admin/drafters...) when Redis is configured.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from onspec.cluster.config import OnspecConfig
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from onspec.cluster.config import OnspecConfig
-
 LABEL_PATTERN = r"^[A-Za-z0-9_.:/-]{1,64}$"
+VERSION_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat_completions"}
 MAX_METRIC_LABELS = 32  # distinct `label` values given their own metric series; the rest count as "other"
 
@@ -34,23 +36,23 @@ MAX_METRIC_LABELS = 32  # distinct `label` values given their own metric series;
 class _Request(BaseModel):
     # OpenAI clients send fields we do not use (user, frequency_penalty, ...): accept and ignore them.
     model_config = ConfigDict(extra="ignore")
-    model: Optional[str] = None
-    max_tokens: Optional[int] = None
+    model: str | None = None
+    max_tokens: int | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="onspec extension: 0 = no top-k cut")
-    seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1, description="torch's seed range")
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="torch's seed range")
     n: int = Field(1, ge=1, le=1, description="one choice per request")
-    stop: Optional[Union[str, list[str]]] = None
+    stop: str | list[str] | None = None
     stream: bool = False
-    stream_options: Optional[dict[str, Any]] = None
-    label: Optional[str] = Field(None, pattern=LABEL_PATTERN,
-                                 description="onspec extension: tags traffic (domain, tenant) in the stream and "
-                                             "the metrics")
+    stream_options: dict[str, Any] | None = None
+    label: str | None = Field(None, pattern=LABEL_PATTERN,
+                              description="onspec extension: tags traffic (domain, tenant) in the stream and "
+                                          "the metrics")
 
 
 class CompletionRequest(_Request):
-    prompt: Union[str, list[str]]
+    prompt: str | list[str]
 
 
 class TextPart(BaseModel):
@@ -62,12 +64,26 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart], None] = None
+    content: str | list[TextPart] | None = None
 
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = None
+    max_completion_tokens: int | None = None
+
+
+class _AdminBody(BaseModel):
+    # Strict: a misspelt "version" in a rollback must not silently roll back to the predecessor instead.
+    model_config = ConfigDict(extra="forbid")
+    reason: str | None = Field(None, max_length=500)
+
+
+class PromoteBody(_AdminBody):
+    pass
+
+
+class RollbackBody(_AdminBody):
+    version: str | None = Field(None, pattern=VERSION_PATTERN)
 
 
 class APIError(Exception):
@@ -147,7 +163,37 @@ class Metrics:
 
 
 # ---- the app ------------------------------------------------------------------------------------------------
-def create_app(cfg: OnspecConfig, backend) -> FastAPI:
+async def read_json(request: Request, limit: int, empty: Any = ...) -> Any:
+    """The request's JSON body, at most ``limit`` bytes; ``empty`` (when given) stands for an empty body."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is over {limit} bytes", code="body_too_large")
+    body = await request.body()
+    if len(body) > limit:
+        raise APIError(413, f"the request body is over {limit} bytes", code="body_too_large")
+    if not body.strip() and empty is not ...:
+        return empty
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+
+
+def validated(schema: type[BaseModel], data: Any) -> BaseModel:
+    if not isinstance(data, dict):
+        raise APIError(400, "the body must be a JSON object", code="invalid_json")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or None
+        raise APIError(400, f"{loc}: {err['msg']}" if loc else err["msg"], param=loc,
+                       code="invalid_value") from None
+
+
+def create_app(cfg: OnspecConfig, backend, registry=None) -> FastAPI:
+    """``registry``: a DrafterRegistry for the admin endpoints; None builds one from ``cfg.redis.url`` on
+    first use (none without a Redis URL: the admin endpoints then answer 503)."""
     app = FastAPI(title="onspec", docs_url=None, redoc_url=None, openapi_url=None)
     model_name = cfg.server.served_model_name or cfg.model.name
     metrics = Metrics()
@@ -155,7 +201,9 @@ def create_app(cfg: OnspecConfig, backend) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
-        metrics.requests.labels(ENDPOINTS.get(request.url.path, "other"), str(e.status)).inc()
+        endpoint = ENDPOINTS.get(request.url.path)
+        if endpoint:  # the request metrics count the two generation endpoints only
+            metrics.requests.labels(endpoint, str(e.status)).inc()
         return JSONResponse(e.body, status_code=e.status)
 
     @app.exception_handler(StarletteHTTPException)
@@ -169,26 +217,7 @@ def create_app(cfg: OnspecConfig, backend) -> FastAPI:
                                     "param": None, "code": None})
 
     async def parse(request: Request, schema: type[_Request]) -> _Request:
-        limit = cfg.server.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise APIError(413, f"the request body is over {limit} bytes", code="body_too_large")
-        body = await request.body()
-        if len(body) > limit:
-            raise APIError(413, f"the request body is over {limit} bytes", code="body_too_large")
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "the body must be a JSON object", code="invalid_json")
-        try:
-            req = schema.model_validate(data)
-        except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"]) or None
-            raise APIError(400, f"{loc}: {err['msg']}" if loc else err["msg"], param=loc,
-                           code="invalid_value") from None
+        req = validated(schema, await read_json(request, cfg.server.max_body_bytes))
         if req.model is not None and req.model != model_name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found", type="not_found_error")
@@ -214,7 +243,7 @@ def create_app(cfg: OnspecConfig, backend) -> FastAPI:
             return await stream(endpoint, req, payload, render, t0)
         try:
             res = await backend.complete(payload)
-        except Exception as e:  # the replica is gone or overloaded: the client may retry
+        except Exception as e:  # noqa: BLE001 -- the replica is gone or overloaded: the client may retry
             raise APIError(503, f"no replica could serve the request: {type(e).__name__}", type="server_error",
                            code="unavailable") from None
         if res["type"] == "error":
@@ -229,7 +258,7 @@ def create_app(cfg: OnspecConfig, backend) -> FastAPI:
         events = backend.stream(payload)
         try:
             first = await events.__anext__()
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 -- any failure to start a stream is a 503
             await events.aclose()
             raise APIError(503, f"no replica could serve the request: {type(e).__name__}", type="server_error",
                            code="unavailable") from None
@@ -267,7 +296,7 @@ def create_app(cfg: OnspecConfig, backend) -> FastAPI:
                 yield "data: [DONE]\n\n"
                 metrics.requests.labels(endpoint, "200").inc()
                 metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-            except Exception as e:  # the replica died mid-stream: say so in the stream (headers are gone)
+            except Exception as e:  # noqa: BLE001 -- the replica died: say so in the stream (the headers are gone)
                 yield sse({"error": {"message": f"generation failed: {type(e).__name__}", "type": "server_error",
                                      "param": None, "code": None}})
                 yield "data: [DONE]\n\n"
@@ -319,7 +348,7 @@ def create_app(cfg: OnspecConfig, backend) -> FastAPI:
     async def readyz():
         try:
             state = await asyncio.wait_for(backend.ready(), 10.0)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 -- any failure means not ready
             return JSONResponse({"status": "unavailable", "reason": f"no engine replica answered within 10 s: "
                                                                    f"{type(e).__name__}"}, status_code=503)
         # Redis down is degraded, not unready: serving goes on and the records wait in the buffer.
@@ -331,12 +360,110 @@ def create_app(cfg: OnspecConfig, backend) -> FastAPI:
         try:  # a fresh snapshot of one replica's logger counters (the others update as their requests finish)
             rep = await asyncio.wait_for(backend.stats(), 2.0)
             metrics.replicas[rep["replica_id"]] = rep
-        except Exception:
+        except Exception:  # noqa: BLE001, S110
             pass  # busy or gone: the last reported figures stand
         return PlainTextResponse(generate_latest(metrics.registry),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    add_admin_routes(app, cfg, registry)
     return app
+
+
+# ---- admin: the drafter registry ----------------------------------------------------------------------------
+class _Registry:
+    """The DrafterRegistry, built on first use: the app may be built in one process and serve in another (Ray
+    Serve), and importing the registry pulls in torch, which the ingress otherwise never needs."""
+
+    def __init__(self, cfg: OnspecConfig, registry):
+        self.cfg, self.registry = cfg, registry
+
+    def get(self):
+        if self.registry is None:
+            if not self.cfg.redis.url:
+                raise APIError(503, "the drafter registry needs Redis, and this server runs without it "
+                                    "(no redis.url)", type="server_error", code="registry_unavailable")
+            from onspec.actors.registry import DrafterRegistry
+            try:
+                self.registry = DrafterRegistry.from_url(self.cfg.redis.url, self.cfg.data_dir,
+                                                         self.cfg.registry.prefix)
+            except ValueError as e:  # a malformed URL: the server's configuration, not the request
+                raise APIError(503, f"the drafter registry cannot use redis.url: {e}", type="server_error",
+                               code="registry_unavailable") from None
+        return self.registry
+
+
+def _check_version(version: str) -> str:
+    if not re.fullmatch(VERSION_PATTERN, version):
+        raise APIError(400, f"invalid drafter version {version[:80]!r}: expected {VERSION_PATTERN}",
+                       param="version", code="invalid_value")
+    return version
+
+
+def _known(reg, version: str) -> dict:
+    """show(version), or a 404 for a version the registry does not know."""
+    from onspec.actors.registry import RegistryError
+
+    try:
+        return reg.show(version)
+    except RegistryError as e:
+        raise APIError(404, str(e), param="version", code="drafter_not_found", type="not_found_error") from None
+
+
+def add_admin_routes(app: FastAPI, cfg: OnspecConfig, registry=None) -> None:
+    handle = _Registry(cfg, registry)
+
+    async def call(fn):
+        """fn(registry) on a worker thread (redis-py blocks). A refused operation is a 409, an unreachable Redis
+        a 503; neither a stack trace."""
+        import redis
+        from onspec.actors.registry import RegistryError
+
+        reg = handle.get()
+        try:
+            return await asyncio.to_thread(fn, reg)
+        except RegistryError as e:
+            raise APIError(409, str(e), code="conflict") from None
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise APIError(503, f"the drafter registry cannot reach Redis: {type(e).__name__}: {e}",
+                           type="server_error", code="registry_unavailable") from None
+        except redis.RedisError as e:
+            raise APIError(503, f"the drafter registry's Redis failed: {type(e).__name__}: {e}",
+                           type="server_error", code="registry_unavailable") from None
+
+    async def body(request: Request, schema: type[BaseModel]) -> BaseModel:
+        return validated(schema, await read_json(request, cfg.server.max_body_bytes, empty={}))
+
+    @app.get("/v1/admin/drafters")
+    async def list_drafters():
+        def listing(reg):
+            drafters = [{k: v for k, v in d.items() if k != "manifest"} for d in reg.list()]
+            return {"serving": reg.serving(), "drafters": drafters}
+        return await call(listing)
+
+    @app.get("/v1/admin/drafters/{version}")
+    async def show_drafter(version: str):
+        _check_version(version)
+        return await call(lambda reg: _known(reg, version))
+
+    @app.post("/v1/admin/drafters/rollback")
+    async def rollback(request: Request):
+        req = await body(request, RollbackBody)
+
+        def roll(reg):
+            if req.version is not None:
+                _known(reg, req.version)
+            return reg.rollback(req.version, req.reason)
+        return await call(roll)
+
+    @app.post("/v1/admin/drafters/{version}/promote")
+    async def promote(version: str, request: Request):
+        _check_version(version)
+        req = await body(request, PromoteBody)
+
+        def switch(reg):
+            _known(reg, version)
+            return reg.promote(version, **({"reason": req.reason} if req.reason else {}))
+        return await call(switch)
 
 
 def sse(obj: dict) -> str:

@@ -5,8 +5,10 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 from onspec.cluster.config import OnspecConfig
@@ -130,6 +132,113 @@ def cmd_drafter_count_tokens(args) -> int:
     return 0
 
 
+# ---- drafter registry: a running server's admin endpoints ------------------------------------------------------
+ADMIN_TIMEOUT_S = 10.0
+ACCEPTANCE_KEYS = ("gate", "acceptance_rate", "acceptance")  # what an evaluation may call it
+
+
+def _admin(args, method: str, path: str = "", body: dict | None = None) -> dict:
+    """One request to the server's /v1/admin/drafters endpoints; any failure is a CLIError with the server's
+    own message."""
+    import httpx
+
+    url = f"{args.url.rstrip('/')}/v1/admin/drafters{path}"
+    try:
+        resp = httpx.request(method, url, json=body, timeout=ADMIN_TIMEOUT_S)
+    except (httpx.HTTPError, httpx.InvalidURL) as e:
+        raise CLIError(f"cannot reach the onspec server at {args.url}: {e}") from None
+    try:
+        data = resp.json()
+    except ValueError:
+        data = None
+    if resp.status_code >= 400:
+        err = data.get("error") if isinstance(data, dict) else None
+        message = err.get("message") if isinstance(err, dict) else resp.text.strip()[:200] or resp.reason_phrase
+        raise CLIError(f"{message} (HTTP {resp.status_code} from {url})")
+    if not isinstance(data, dict):
+        raise CLIError(f"{url} did not answer with JSON: is {args.url} an onspec server?")
+    return data
+
+
+def _version_path(version: str) -> str:
+    from urllib.parse import quote
+
+    from onspec.cluster.api import VERSION_PATTERN
+
+    # Checked here too: a '/' in the name would reach another endpoint, not a clear 400.
+    if not re.fullmatch(VERSION_PATTERN, version):
+        raise CLIError(f"invalid drafter version {version!r}: expected {VERSION_PATTERN}")
+    return f"/{quote(version)}"
+
+
+def _when(ts) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _acceptance(evaluation: dict) -> str:
+    # The trainer's gate records {"candidate": {"gate": ...}, "serving": {...}}; others may be flat.
+    figures = evaluation.get("candidate") if isinstance(evaluation.get("candidate"), dict) else evaluation
+    for key in ACCEPTANCE_KEYS:
+        if isinstance(figures.get(key), (int, float)):
+            return f"{figures[key]:.3f}"
+    return "-"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def cmd_drafter_list(args) -> int:
+    data = _admin(args, "GET")
+    if args.json:
+        print(json.dumps(data))
+        return 0
+    rows = [["", "VERSION", "STATUS", "PARENT", "ACCEPTANCE", "CREATED"]]
+    for d in data["drafters"]:
+        rows.append(["*" if d["version"] == data["serving"] else "", d["version"], d["status"],
+                     d.get("parent_version") or "-", _acceptance(d.get("evaluation") or {}),
+                     _when(d.get("created"))])
+    print(_table(rows) if data["drafters"] else "no drafter versions registered")
+    return 0
+
+
+def cmd_drafter_show(args) -> int:
+    d = _admin(args, "GET", _version_path(args.version))
+    if args.json:
+        print(json.dumps(d))
+        return 0
+    status = f"{d['status']} ({d['reason']})" if d.get("reason") else d["status"]
+    rows = [["version", d["version"]], ["status", status], ["parent", d.get("parent_version") or "-"],
+            ["created", _when(d.get("created"))], ["updated", _when(d.get("updated"))],
+            ["sha256", d["sha256"]], ["path", d["path"]],
+            ["evaluation", json.dumps(d.get("evaluation") or {})]]
+    print(_table(rows))
+    return 0
+
+
+def _switched(res: dict) -> str:
+    if not res.get("changed"):
+        return f"{res['version']} is already serving; nothing changed"
+    return f"{res['version']} is now serving (was {res.get('previous') or 'none'}): {res.get('reason')}"
+
+
+def cmd_drafter_promote(args) -> int:
+    body = {"reason": args.reason} if args.reason else {}
+    res = _admin(args, "POST", f"{_version_path(args.version)}/promote", body)
+    print(json.dumps(res) if args.json else _switched(res))
+    return 0
+
+
+def cmd_drafter_rollback(args) -> int:
+    if args.version:
+        _version_path(args.version)
+    body = {k: v for k, v in (("version", args.version), ("reason", args.reason)) if v}
+    res = _admin(args, "POST", "/rollback", body)
+    print(json.dumps(res) if args.json else _switched(res))
+    return 0
+
+
 def _serve_config(args) -> OnspecConfig:
     cfg = _config(args)
     # The one place the environment is read: REDIS_URL, as a default for --redis-url.
@@ -138,6 +247,7 @@ def _serve_config(args) -> OnspecConfig:
         "server.host": args.host, "server.port": args.port, "server.replicas": args.replicas,
         "server.ray_address": args.ray_address, "redis.url": redis_url,
         "stream.enabled": False if args.no_stream else None,
+        "trainer.enabled": False if getattr(args, "no_train", False) else None,
     })
 
 
@@ -146,8 +256,6 @@ def _on_sigterm(signum, frame):
 
 
 def cmd_serve(args) -> int:
-    import time
-
     from onspec.cluster.serve import Cluster
 
     cfg = _serve_config(args)
@@ -194,6 +302,28 @@ def cmd_bench_serve(args) -> int:
     except httpx.HTTPError as e:
         raise CLIError(f"cannot reach the server: {e}") from None
     print(json.dumps(result) if args.json else format_report(result))
+    return 0
+
+
+def cmd_bench_online(args) -> int:
+    from onspec.cluster.bench_online import bench_online, format_report
+
+    from onspec.cluster.prompts import read_prompts
+
+    for path in args.phase:
+        read_prompts(path)  # a bad phase file fails here, before anything starts
+    if args.minutes_per_phase <= 0 or min(args.eval_prompts, args.max_tokens, args.clients) < 1:
+        raise CLIError("--minutes-per-phase must be > 0; --eval-prompts, --max-tokens, --clients at least 1")
+    cfg = _serve_config(args)
+    log = (lambda m: print(m, file=sys.stderr, flush=True))
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            report = bench_online(cfg, args.phase, args.minutes_per_phase, args.eval_prompts, args.max_tokens,
+                                  args.clients, args.think_s, args.accept_k, p99_requests=args.p99_requests,
+                                  log=log)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    print(json.dumps(report) if args.json else format_report(report))
     return 0
 
 
@@ -255,9 +385,28 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--json", action="store_true")
     bs.set_defaults(func=cmd_bench_serve)
 
+    bo = b.add_parser("online", help="the online loop end to end: live traffic per phase, training, hot swaps; "
+                                     "acceptance and speedup at each phase's start and end")
+    common(bo)
+    server_flags(bo)
+    bo.add_argument("--phase", type=Path, action="append", required=True,
+                    help="a JSONL prompt file (as for generate); repeat for a sequence of domains")
+    bo.add_argument("--minutes-per-phase", type=float, default=10.0)
+    bo.add_argument("--eval-prompts", type=int, default=3, help="the first N prompts of a phase are its fixed "
+                                                                "measurement slice, never sent as traffic")
+    bo.add_argument("--max-tokens", type=int, default=64)
+    bo.add_argument("--clients", type=int, default=1, help="closed-loop traffic clients")
+    bo.add_argument("--think-s", type=float, default=1.0, help="mean pause between a client's requests")
+    bo.add_argument("--accept-k", type=int, default=4, help="fixed draft length of the acceptance measurement")
+    bo.add_argument("--p99-requests", type=int, default=8, help="requests per run of the serving-latency check "
+                                                                "with the trainer paused vs running (0: skip)")
+    bo.add_argument("--json", action="store_true")
+    bo.set_defaults(func=cmd_bench_online)
+
     sv = sub.add_parser("serve", help="the OpenAI-compatible endpoint on Ray Serve")
     common(sv)
     server_flags(sv)
+    sv.add_argument("--no-train", action="store_true", help="serve without the online trainer")
     sv.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("drafter", help="drafter checkpoints").add_subparsers(dest="drafter_cmd", required=True)
@@ -278,32 +427,61 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--prompts-file", type=Path)
     dc.add_argument("--max-tokens", type=int, default=160)
     dc.set_defaults(func=cmd_drafter_count_tokens)
+    admin_commands(d)
     return p
+
+
+def admin_commands(d) -> None:
+    """`onspec drafter list|show|promote|rollback`: the registry through a running server's admin endpoints."""
+    def admin(name: str, text: str, func):
+        sp = d.add_parser(name, help=text)
+        sp.add_argument("--url", default="http://127.0.0.1:8000", help="the onspec server")
+        sp.add_argument("--json", action="store_true", help="print the server's JSON answer")
+        sp.set_defaults(func=func)
+        return sp
+
+    admin("list", "the registered drafter versions (* marks the serving one)", cmd_drafter_list)
+    admin("show", "one drafter version", cmd_drafter_show).add_argument("version")
+    pr = admin("promote", "serve this version on every replica", cmd_drafter_promote)
+    pr.add_argument("version")
+    pr.add_argument("--reason", help="recorded in the history")
+    rb = admin("rollback", "serve the version before the current one again (or the one given)",
+               cmd_drafter_rollback)
+    rb.add_argument("version", nargs="?")
+    rb.add_argument("--reason", help="recorded in the history")
+
+
+# Errors whose message is the whole story for the user: "onspec: error: ...", exit 2, no traceback.
+USER_ERRORS = (("onspec.cluster.prompts", "PromptFileError"), ("onspec.actors.engine", "RequestError"),
+               ("onspec.actors.checkpoint", "CheckpointError"), ("onspec.actors.models", "ModelLoadError"),
+               ("onspec.actors.registry", "RegistryError"), ("onspec.cluster.redis_server", "RedisServerError"),
+               ("onspec.cluster.serve", "ServeError"))
+
+
+def _user_error(e: Exception) -> bool:
+    # Looked up among the modules already imported, not imported here: an error from a module the command
+    # never loaded cannot occur, and the light commands (drafter list ...) must not pay torch's import.
+    return isinstance(e, CLIError) or any(
+        isinstance(e, getattr(sys.modules[mod], name)) for mod, name in USER_ERRORS if mod in sys.modules)
 
 
 def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
-    from onspec.actors.checkpoint import CheckpointError
-    from onspec.actors.engine import RequestError
-    from onspec.actors.models import ModelLoadError
-    from onspec.cluster.prompts import PromptFileError
-    from onspec.cluster.redis_server import RedisServerError
-    from onspec.cluster.serve import ServeError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (CLIError, PromptFileError, RequestError, CheckpointError, ModelLoadError, RedisServerError,
-            ServeError) as e:
-        print(f"onspec: error: {e}", file=sys.stderr)
-        return 2
     except ValidationError as e:
         print(f"onspec: error: invalid configuration: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
         print(f"onspec: error: {e.strerror}: {e.filename}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if not _user_error(e):
+            raise
+        print(f"onspec: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -82,6 +82,57 @@ class StreamConfig(_Strict):
     topk: int = Field(8, ge=1, le=256, description="target log-probabilities kept at the rejected position")
 
 
+class RegistryConfig(_Strict):
+    """Drafter versions (actors/registry.py): metadata in Redis, files in <data_dir>/drafters."""
+    prefix: str = "onspec:drafters"
+    poll_interval_s: float = Field(1.0, gt=0, description="how often a replica checks the serving version")
+    load_key_prefix: str = Field("onspec:load", description="replicas publish their in-flight requests here "
+                                                             "(the trainer yields to serving by it)")
+    load_ttl_s: float = Field(5.0, gt=0, description="a replica's load report expires after this long")
+
+
+class TrainerConfig(_Strict):
+    """The online distillation trainer (actors/trainer.py)."""
+    enabled: bool = Field(True, description="run the trainer actor next to the serving replicas")
+    cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for the trainer actor")
+    threads: int = Field(1, ge=1, description="torch intra-op threads of the trainer")
+    loss: Literal["auto", "fkl", "rkl", "jsd", "tvd", "tvdpp"] = Field(
+        "auto", description="auto: forward KL on greedy traffic, TVD on sampled traffic (DistillSpec)")
+    jsd_beta: float = Field(0.5, ge=0, le=1)
+    lr: float = Field(1e-3, gt=0, description="online steps are few (data is scarce): a higher rate "
+                                                      "than offline distillation's")
+    batch_windows: int = Field(4, ge=1, description="context windows per training step")
+    fresh_per_step: int = Field(2, ge=0, description="windows of the batch taken from records not yet trained "
+                                                     "on; the rest are sampled from the replay buffer")
+    rejected_weight: float = Field(4.0, ge=0, description="loss weight of the rejected position vs 1 for the "
+                                                           "other positions of a window")
+    window_positions: bool = Field(True, description="train on every position of a logged window, not only "
+                                                     "the rejected one")
+    onpolicy: bool = Field(True, description="when no fresh records wait, train on drafter-proposed "
+                                             "continuations of recent contexts, scored by the target")
+    onpolicy_tokens: int = Field(24, ge=1)
+    replay_size: int = Field(2048, ge=1, description="windows kept for replay")
+    replay_half_life: int = Field(256, ge=1, description="replay sampling weight halves every this many "
+                                                         "newer windows: recent traffic is favoured")
+    teacher_topk: int = Field(32, ge=1, description="target probabilities kept per position (the rest of the "
+                                                    "mass is spread evenly over the drafter's vocabulary)")
+    holdout_percent: int = Field(10, ge=1, le=50, description="records held back for the promotion gate")
+    holdout_size: int = Field(48, ge=1, description="most recent held-back windows evaluated")
+    min_holdout: int = Field(8, ge=1, description="no promotion before this many held-back windows")
+    promote_every_steps: int = Field(60, ge=1, description="training steps between candidates")
+    promote_margin: float = Field(0.01, ge=0, description="a candidate must beat the serving version's "
+                                                          "held-back acceptance by this much")
+    consumer_group: str = "onspec-trainer"
+    consumer: str = Field("trainer-0", description="stable name: a restarted trainer resumes its own pending "
+                                                   "records first")
+    claim_idle_ms: int = Field(60_000, ge=1, description="records pending this long with another consumer "
+                                                        "are claimed (XAUTOCLAIM)")
+    read_count: int = Field(64, ge=1)
+    yield_to_serving: bool = Field(True, description="slow down while replicas have requests in flight")
+    busy_duty: float = Field(0.25, ge=0, le=1, description="share of wall time the trainer computes while "
+                                                           "serving is busy (0: pause)")
+
+
 class OnspecConfig(_Strict):
     data_dir: Path = Path(".onspec-data")
     model: ModelConfig = ModelConfig()
@@ -90,6 +141,8 @@ class OnspecConfig(_Strict):
     server: ServerConfig = ServerConfig()
     redis: RedisConfig = RedisConfig()
     stream: StreamConfig = StreamConfig()
+    registry: RegistryConfig = RegistryConfig()
+    trainer: TrainerConfig = TrainerConfig()
 
     @classmethod
     def from_yaml(cls, path: Path | str) -> "OnspecConfig":

@@ -66,6 +66,8 @@ class EngineDeployment:
 
         rid = serve.get_replica_context().replica_id.unique_id
         self.replica = Replica(self.cfg, logger=logger, replica_id=rid)
+        if self.cfg.redis.url:
+            self.replica.watcher = _watcher(self.cfg, self.replica).start()
         self.metrics = _RayMetrics()
 
     def reconfigure(self, user_config: dict) -> None:
@@ -102,6 +104,16 @@ class EngineDeployment:
         replica = getattr(self, "replica", None)
         if replica is not None:
             replica.close()
+
+
+def _watcher(cfg: OnspecConfig, replica):
+    """Follow the registry's serving drafter and publish the replica's load (actors/hot_swap.py)."""
+    from onspec.actors.hot_swap import DrafterWatcher
+    from onspec.actors.registry import DrafterRegistry
+
+    reg = DrafterRegistry.from_url(cfg.redis.url, cfg.data_dir, cfg.registry.prefix)
+    return DrafterWatcher(reg, replica.engine, replica.replica_id, replica.load, cfg.registry.poll_interval_s,
+                          cfg.registry.load_key_prefix, cfg.registry.load_ttl_s, apply=replica.apply_pending_swap)
 
 
 class _RayMetrics:
@@ -207,6 +219,7 @@ class Cluster:
         self.cfg = cfg
         self.ray_temp_dir = ray_temp_dir
         self.redis = None
+        self.trainer = None  # the TrainerActor handle, when cfg.trainer.enabled
         self.started_ray = False
         self.version = uuid.uuid4().hex  # one per start: a redeploy from this object changes only user_config
 
@@ -227,16 +240,53 @@ class Cluster:
                 if cfg.server.ray_address:
                     ray.init(address=cfg.server.ray_address, log_to_driver=False)
                 else:
-                    need = cfg.server.replicas * cfg.server.replica_cpus
+                    need = cfg.server.replicas * cfg.server.replica_cpus + self._trainer_cpus()
                     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
                              include_dashboard=False, log_to_driver=False, _temp_dir=self.ray_temp_dir)
                 self.started_ray = True
             serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port})
             serve.run(build_app(cfg, version=self.version), name=APP_NAME, route_prefix="/")
+            if self._trainer_cpus() and cfg.redis.url:
+                self.start_trainer()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _trainer_cpus(self) -> float:
+        return self.cfg.trainer.cpus if self.cfg.trainer.enabled and self.cfg.stream.enabled else 0.0
+
+    def start_trainer(self):
+        """The online trainer as a Ray actor (actors/trainer.py); it reads the stream the replicas write."""
+        import ray
+
+        from onspec.actors.trainer import TrainerActor
+
+        if not self.cfg.redis.url:
+            raise ServeError("the trainer needs Redis (the rejection stream and the drafter registry)")
+        actor = ray.remote(TrainerActor).options(name="onspec-trainer", num_cpus=self.cfg.trainer.cpus,
+                                                 max_restarts=3, max_task_retries=0)
+        self.trainer = actor.remote(self.cfg.model_dump(mode="json"))
+        ray.get(self.trainer.state.remote(), timeout=600)  # built: model loaded, group joined
+        return self.trainer
+
+    def trainer_call(self, method: str, *args, timeout: float = 300):
+        import ray
+
+        if self.trainer is None:
+            raise ServeError("no trainer is running (trainer.enabled is false or the stream is off)")
+        return ray.get(getattr(self.trainer, method).remote(*args), timeout=timeout)
+
+    def stop_trainer(self) -> None:
+        import ray
+
+        if self.trainer is not None:
+            try:
+                ray.get(self.trainer.stop.remote(), timeout=60)
+            except Exception:  # already gone: nothing to stop
+                pass
+            ray.kill(self.trainer)
+            self.trainer = None
 
     @property
     def url(self) -> str:
@@ -255,6 +305,7 @@ class Cluster:
 
         try:
             if ray.is_initialized():
+                self.stop_trainer()
                 serve.shutdown()
         finally:
             if self.started_ray and ray.is_initialized():

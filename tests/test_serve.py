@@ -34,12 +34,17 @@ def _wait(pred, timeout=30.0, every=0.1):
 def cluster(tmp_path_factory):
     from onspec.cluster.serve import Cluster
 
-    cfg = OnspecConfig(data_dir=DATA_DIR).merged(**{
+    # A data dir of its own (drafter versions land there), sharing the converted model.
+    data = tmp_path_factory.mktemp("data")
+    (data / "models").symlink_to(DATA_DIR / "models")
+    cfg = OnspecConfig(data_dir=data).merged(**{
         "server.port": free_port(), "server.max_body_bytes": 65536,
         "redis.dir": str(tmp_path_factory.mktemp("redis")), "redis.stream_key": "test:serve",
         "redis.flush_interval_s": 0.02, "redis.reconnect_backoff_s": 0.05,
         # Fixed drafts: the base drafter is rejected in most rounds, so every request leaves records.
         "speculation.mode": "fixed", "speculation.fixed_k": 3,
+        # No trainer: these tests promote drafter versions themselves (tests/test_online.py runs one).
+        "trainer.enabled": False, "registry.poll_interval_s": 0.2,
     })
     c = Cluster(cfg).start()
     try:
@@ -236,3 +241,75 @@ def test_redis_killed_serving_continues_and_logger_catches_up(cluster, client):
         "the records buffered during the outage never reached Redis"
     assert [r for r in _stream_records(cluster) if r["label"] == "math"], "the AOF lost earlier records"
     assert _wait(lambda: httpx.get(cluster.url + "/readyz", timeout=10).json()["status"] == "ok")
+
+
+def test_hot_swap_under_load_keeps_every_greedy_output_identical(cluster, real_engine):
+    """Promotions and rollbacks every few hundred ms while two clients keep the replica busy: each output must
+    be the target's own, and the replica must really have swapped drafters mid-traffic."""
+    import threading
+
+    import torch
+
+    from onspec.actors.models import derive_drafter
+    from onspec.actors.registry import DrafterRegistry
+
+    registry = DrafterRegistry.from_url(cluster.cfg.redis.url, cluster.cfg.data_dir, cluster.cfg.registry.prefix)
+    target = real_engine.target
+    from onspec.actors.models import stop_token_ids
+
+    base = derive_drafter(target, 2, 8192, always_keep=tuple(stop_token_ids(target, real_engine.tokenizer)))
+    registry.ensure_registered(base)  # "base", what the replica started with
+    deep = derive_drafter(target, 6, 8192)
+    with torch.no_grad():  # a different drafter: another depth, and a head that disagrees more often
+        deep.head.weight.mul_(0.5)
+    versions = ["base", registry.register(deep, parent="base")["version"]]
+    prompts = ["The capital of France is", "Water boils at", "Once upon a time", "The best way to learn is"]
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    expected = {p: real_engine.generate(real_engine.encode(p), greedy, speculate=False).text for p in prompts}
+
+    stop = threading.Event()
+    results, errors = [], []
+
+    def client_loop(offset):
+        with httpx.Client(timeout=120) as c:
+            i = offset
+            while not stop.is_set():
+                p = prompts[i % len(prompts)]
+                r = c.post(cluster.url + "/v1/completions",
+                           json={"model": MODEL, "prompt": p, "max_tokens": 12, "temperature": 0})
+                if r.status_code != 200:
+                    errors.append(r.text)
+                else:
+                    results.append((p, r.json()["choices"][0]["text"], r.json()["usage"]["drafter_version"]))
+                i += 1
+
+    swaps_before = _replica(cluster)["drafter_swaps"]
+    threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 60
+        flips = 0
+        while time.monotonic() < deadline and (flips < 8 or len(results) < 8):
+            registry.promote(versions[flips % 2 == 0], reason="test: swap under load")
+            flips += 1
+            time.sleep(0.4)  # the cadence of the swaps, not a wait for an outcome
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    assert not errors, errors[:3]
+    assert len(results) >= 8
+    for p, text, _ in results:
+        assert text == expected[p], f"output changed under a swap for {p!r}"
+    assert _replica(cluster)["drafter_swaps"] - swaps_before >= 3
+    assert {v for _, _, v in results} == set(versions), "requests should have run with both drafters"
+
+    # A rollback reaches the replica the same way.
+    now = registry.serving()
+    back = registry.rollback()
+    assert back["version"] != now
+    assert _wait(lambda: _replica(cluster)["drafter_version"] == back["version"], 30)
+    r = httpx.post(cluster.url + "/v1/completions", timeout=120,
+                   json={"model": MODEL, "prompt": prompts[0], "max_tokens": 12, "temperature": 0}).json()
+    assert r["choices"][0]["text"] == expected[prompts[0]] and r["usage"]["drafter_version"] == back["version"]

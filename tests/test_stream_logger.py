@@ -30,7 +30,8 @@ def server(tmp_path):
 
 def _rec(i=0):
     return RoundRecord(context=[1, 2, 3, 40000 + i], drafts=[5, 6, 7], accepted=1, target_token=9,
-                       topk_ids=[9, 6, 11], topk_logprobs=[-0.1, -2.5, -4.0], drafter_version="base")
+                       topk_ids=[9, 6, 11], topk_logprobs=[-0.1, -2.5, -4.0], drafter_version="base",
+                       temperature=0.7)
 
 
 def _logger(url, **kw):
@@ -51,7 +52,7 @@ def test_records_roundtrip_with_the_documented_schema(server):
         assert rec == {"schema_version": SCHEMA_VERSION, "ts_ms": 1700000000500, "label": "math",
                        "request_id": "req-1", "drafter_version": "base", "context": [1, 2, 3, 40299],
                        "drafts": [5, 6, 7], "rejected_pos": 1, "target_token": 9, "topk_ids": [9, 6, 11],
-                       "topk_logprobs": pytest.approx([-0.1, -2.5, -4.0], abs=1e-6)}
+                       "topk_logprobs": pytest.approx([-0.1, -2.5, -4.0], abs=1e-6), "temperature": 0.7}
         assert log.stats()["written"] == 300 and log.stats()["dropped"] == 0
     finally:
         log.close()

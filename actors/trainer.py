@@ -1,0 +1,581 @@
+"""Online distillation (Online Speculative Decoding, arXiv 2310.07177): the drafter learns from the traffic the
+service gets, and better versions are promoted to the replicas through the registry.
+
+Data. Each rejection record (docs/stream_schema.md) is a context window that ends where the target corrected the
+drafter. Data, not compute, is what is scarce here, so the trainer does not learn from the rejected position
+alone: its own frozen copy of the target scores *every* position of the window and the drafter is distilled on
+all of them, the rejected one weighted up (``rejected_weight``). Windows go to a bounded replay buffer sampled
+with a recency half-life. When no fresh record waits, it trains on-policy (DistillSpec, arXiv 2310.08461):
+the drafter continues a recent context by itself and the target scores what it proposed.
+
+Consumer group. Records are read with XREADGROUP and acknowledged (XACK) only after the training step that used
+them has been applied; records held back for the promotion gate are acknowledged when they join the held-back
+slice. A restarted trainer (same consumer name) first re-reads its own pending records; records pending with
+another consumer for ``claim_idle_ms`` are claimed with XAUTOCLAIM (that trainer died).
+
+Loss. ``auto`` follows DistillSpec: forward KL on greedy traffic (it fits the target's mode), TVD on sampled
+traffic (1 - TVD is exactly the acceptance probability of speculative sampling).
+
+Promotion. Every ``promote_every_steps`` steps the working weights become a candidate version; it is promoted
+only if its acceptance on the held-back slice (the acceptance the target would give it, greedy or sampled as the
+window's request was) beats the serving version's by ``promote_margin``; otherwise it stays a rejected candidate
+with the figures as the reason.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import random
+import socket
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import redis
+import torch
+
+from onspec.actors.hot_swap import serving_load
+from onspec.actors.models import Drafter
+from onspec.actors.registry import DrafterRegistry, RegistryError
+from onspec.actors.stream_logger import SCHEMA_VERSION, decode_record
+from onspec.cluster.config import OnspecConfig, TrainerConfig
+from onspec.kernels.losses import divergence
+
+log = logging.getLogger("onspec.trainer")
+
+
+# ---- training examples ------------------------------------------------------------------------------------------
+@dataclass
+class Window:
+    """Token ids the target produced (context + accepted drafts + its correction), and what to learn there.
+
+    Row i of the logits predicts ids[i + 1]; ``rejected_row`` predicts the target's correction. Rows before
+    ``first_row`` are context only (on-policy windows: the prefix the drafter continued)."""
+    ids: list[int]
+    rejected_row: int | None
+    greedy: bool
+    record_id: str | None = None
+    label: str = ""
+    first_row: int = 0
+    teacher: "Teacher | None" = field(default=None, repr=False)
+
+
+@dataclass
+class Teacher:
+    """The target at every position of a window, over the drafter's kept vocabulary, kept sparse: its top-k
+    probabilities (not renormalised: the mass outside the kept ids is lost to the drafter anyway), the mass on
+    all kept ids, and the target's greedy choice over the full vocabulary."""
+    idx: torch.Tensor        # [T, K] indices into the kept ids
+    probs: torch.Tensor      # [T, K]
+    kept_mass: torch.Tensor  # [T]
+    argmax: torch.Tensor     # [T] full-vocabulary ids
+
+
+def window_from_record(rec: dict, record_id: str | None = None) -> Window:
+    n = rec["rejected_pos"]
+    ids = rec["context"] + rec["drafts"][:n] + [rec["target_token"]]
+    return Window(ids=ids, rejected_row=len(rec["context"]) - 1 + n, greedy=rec.get("temperature", 0.0) <= 1e-5,
+                  record_id=record_id, label=rec.get("label", ""))
+
+
+def _pad(windows: list[Window], device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(w.ids) for w in windows)
+    x = torch.zeros(len(windows), width, dtype=torch.long)
+    mask = torch.zeros(len(windows), width, dtype=torch.bool)
+    for r, w in enumerate(windows):
+        x[r, :len(w.ids)] = torch.tensor(w.ids)
+        mask[r, :len(w.ids)] = True
+    return x.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def score_windows(target, kept_ids: torch.Tensor, windows: list[Window], topk: int, batch: int = 8) -> None:
+    """Fill ``w.teacher`` for windows that lack it: one right-padded target forward per batch (causal attention
+    keeps the real positions unaffected by the padding)."""
+    todo = [w for w in windows if w.teacher is None]
+    for i in range(0, len(todo), batch):
+        chunk = todo[i:i + batch]
+        x, _ = _pad(chunk, kept_ids.device)
+        logits = target(input_ids=x).logits.float()
+        p = torch.softmax(logits, -1)
+        argmax = logits.argmax(-1)
+        pk = p[..., kept_ids]
+        top = pk.topk(min(topk, pk.shape[-1]), dim=-1)
+        mass = pk.sum(-1)
+        for r, w in enumerate(chunk):
+            n = len(w.ids)
+            w.teacher = Teacher(top.indices[r, :n].clone(), top.values[r, :n].clone(), mass[r, :n].clone(),
+                                argmax[r, :n].clone())
+
+
+def dense_teacher_logits(teachers: list[Teacher], vocab: int) -> torch.Tensor:
+    """[sum T, V'] log-probabilities over the kept ids: the top-k renormalised by the kept mass, the rest of
+    the mass spread evenly (never exactly zero, so reverse KL and JSD stay finite)."""
+    idx = torch.cat([t.idx for t in teachers])
+    probs = torch.cat([t.probs / t.kept_mass.unsqueeze(-1).clamp_min(1e-12) for t in teachers]).clamp_max(1.0)
+    rest = (1.0 - probs.sum(-1, keepdim=True)).clamp_min(0.0) / max(vocab - idx.shape[1], 1)
+    out = torch.log(rest.clamp_min(1e-12)).expand(idx.shape[0], vocab).clone()
+    return out.scatter_(1, idx, torch.log(probs.clamp_min(1e-12)))
+
+
+# ---- the consumer group -----------------------------------------------------------------------------------------
+class StreamReader:
+    """The trainer's side of the rejection stream: XREADGROUP / XACK / XAUTOCLAIM (redis-py streams)."""
+
+    def __init__(self, client: redis.Redis, key: str, group: str, consumer: str, claim_idle_ms: int = 60_000,
+                 count: int = 64):
+        self.r, self.key, self.group, self.consumer = client, key, group, consumer
+        self.claim_idle_ms, self.count = claim_idle_ms, count
+        self._own_cursor: str | None = "0"  # re-read our own pending records first (None: done)
+        self._claim_cursor = "0-0"
+        self.claimed = 0
+
+    def ensure_group(self) -> None:
+        try:
+            # id 0: a new group starts at the stream's beginning (records written before the trainer started).
+            self.r.xgroup_create(self.key, self.group, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    def read(self, block_ms: int | None = None) -> list[tuple[str, dict | None]]:
+        """The next records for this consumer: its own pending ones (after a restart), then records claimed
+        from consumers idle for ``claim_idle_ms``, then new ones (waiting up to ``block_ms``)."""
+        if self._own_cursor is not None:
+            got = self._entries(self.r.xreadgroup(self.group, self.consumer, {self.key: self._own_cursor},
+                                                  count=self.count))
+            if got:
+                self._own_cursor = got[-1][0]
+                return got
+            self._own_cursor = None
+        res = self.r.xautoclaim(self.key, self.group, self.consumer, self.claim_idle_ms,
+                                start_id=self._claim_cursor, count=self.count)
+        self._claim_cursor = _text(res[0])
+        claimed = [(_text(i), f or None) for i, f in res[1]]
+        if claimed:
+            self.claimed += len(claimed)
+            return claimed
+        return self._entries(self.r.xreadgroup(self.group, self.consumer, {self.key: ">"}, count=self.count,
+                                               block=block_ms))
+
+    @staticmethod
+    def _entries(resp) -> list[tuple[str, dict | None]]:
+        out = []
+        for _, entries in resp or []:
+            out.extend((_text(i), f or None) for i, f in entries)
+        return out
+
+    def ack(self, ids: list[str]) -> int:
+        return int(self.r.xack(self.key, self.group, *ids)) if ids else 0
+
+    def pending(self) -> int:
+        return int(self.r.xpending(self.key, self.group)["pending"])
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+# ---- DeepSpeed ---------------------------------------------------------------------------------------------------
+def _init_process_group() -> None:
+    """DeepSpeed wants torch.distributed even for one process; without a launcher, a one-rank gloo group on a
+    free local port. (These variables are DeepSpeed's launcher protocol, written here, not configuration.)"""
+    import deepspeed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+
+
+def deepspeed_engine(drafter: Drafter, tc: TrainerConfig):
+    """A DeepSpeed engine over the drafter's own parameters (the shared target embedding stays frozen).
+    ``torch_adam``: the fused CPU Adam is a C++ extension compiled on first use (minutes); torch's AdamW is
+    as fast at this size."""
+    import deepspeed
+
+    _init_process_group()
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    config = {"train_micro_batch_size_per_gpu": tc.batch_windows, "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "AdamW", "params": {"lr": tc.lr, "weight_decay": 0.0, "torch_adam": True}},
+              "gradient_clipping": 1.0, "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
+    engine, _, _, _ = deepspeed.initialize(model=drafter, model_parameters=params, config=config)
+    return engine
+
+
+def clone_drafter(drafter: Drafter, target) -> Drafter:
+    """A separate copy of the drafter's own weights over the same shared target embedding."""
+    copy = Drafter(target.config, drafter.layers, drafter.kept_ids, target.get_input_embeddings())
+    copy.load_state_dict(drafter.own_state_dict(), strict=False)
+    copy.version = drafter.version
+    p = next(drafter.parameters())
+    return copy.to(device=p.device, dtype=p.dtype).eval().requires_grad_(False)
+
+
+# ---- the trainer --------------------------------------------------------------------------------------------------
+@dataclass
+class TrainerStats:
+    steps: int = 0
+    record_steps: int = 0      # steps on logged windows (fresh + replay)
+    onpolicy_steps: int = 0
+    records_read: int = 0
+    records_acked: int = 0
+    records_skipped: int = 0   # unknown schema or trimmed before they were read
+    held_back: int = 0
+    candidates: int = 0
+    promoted: list = field(default_factory=list)
+    rejected: list = field(default_factory=list)
+    last_loss: float = float("nan")
+    last_eval: dict = field(default_factory=dict)
+    busy_waits: int = 0
+    train_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["last_loss"] = None if math.isnan(self.last_loss) else round(self.last_loss, 5)
+        return d
+
+
+class OnlineTrainer:
+    def __init__(self, cfg: OnspecConfig, target, drafter: Drafter, registry: DrafterRegistry,
+                 reader: StreamReader, seed: int = 0):
+        self.cfg, self.tc = cfg, cfg.trainer
+        self.target, self.registry, self.reader = target, registry, reader
+        self.kept = drafter.kept_ids
+        self.vocab = int(self.kept.numel())
+        drafter.train()
+        drafter.requires_grad_(True)
+        drafter.body.embed_tokens.requires_grad_(False)  # the target's: shared and frozen
+        self.engine = deepspeed_engine(drafter, self.tc)
+        self.drafter: Drafter = self.engine.module
+        self.serving_version = getattr(drafter, "version", None) or "base"
+        self.serving_drafter = clone_drafter(drafter, target)
+        self.fresh: collections.deque[Window] = collections.deque()
+        self.replay: collections.deque[tuple[int, Window]] = collections.deque(maxlen=self.tc.replay_size)
+        self.holdout: collections.deque[Window] = collections.deque(maxlen=self.tc.holdout_size)
+        self.seen = 0  # windows added to the replay buffer so far (their sequence numbers)
+        self.steps_since_candidate = 0
+        self.rng = random.Random(seed)
+        self.stats = TrainerStats()
+        self._eval_cache: dict[tuple[str, int], dict] = {}
+        self.idle = threading.Event()  # set by run() while it is paused
+        self._holdout_rev = 0
+
+    # ---- reading records ----------------------------------------------------------------------------------
+    def poll(self, block_ms: int | None = None) -> int:
+        """Read records into the fresh queue / held-back slice; returns how many were read. Reading stops while
+        enough fresh windows already wait (the rest stays in Redis, unclaimed, for later)."""
+        if len(self.fresh) >= 8 * self.tc.batch_windows:
+            return 0
+        entries = self.reader.read(block_ms)
+        skip, hold = [], []
+        for rid, fields in entries:
+            self.stats.records_read += 1
+            if fields is None or int(fields.get(b"schema_version", fields.get("schema_version", 0))) != \
+                    SCHEMA_VERSION:
+                skip.append(rid)  # trimmed while pending, or a schema this trainer does not know
+                continue
+            w = window_from_record(decode_record(fields), rid)
+            if zlib.crc32(rid.encode()) % 100 < self.tc.holdout_percent:
+                hold.append(w)
+            else:
+                self.fresh.append(w)
+        if hold:
+            score_windows(self.target, self.kept, hold, self.tc.teacher_topk)
+            self.holdout.extend(hold)
+            self._holdout_rev += 1
+            self.stats.held_back += len(hold)
+        self._ack([w.record_id for w in hold] + skip)
+        self.stats.records_skipped += len(skip)
+        return len(entries)
+
+    def _ack(self, ids: list[str]) -> None:
+        self.stats.records_acked += self.reader.ack([i for i in ids if i])
+
+    # ---- training -----------------------------------------------------------------------------------------
+    def _row_weights(self, w: Window) -> torch.Tensor:
+        n = len(w.ids)
+        wt = torch.ones(n) if self.tc.window_positions else torch.zeros(n)
+        wt[:w.first_row] = 0.0
+        if w.rejected_row is not None and w.rejected_row < n:
+            wt[w.rejected_row] = self.tc.rejected_weight if self.tc.window_positions else 1.0
+        return wt
+
+    def _loss_name(self, greedy: bool) -> str:
+        if self.tc.loss != "auto":
+            return self.tc.loss
+        return "fkl" if greedy else "tvd"
+
+    def train_on(self, windows: list[Window]) -> float:
+        """One applied optimizer step on ``windows``; returns the loss."""
+        t0 = time.perf_counter()
+        score_windows(self.target, self.kept, windows, self.tc.teacher_topk)
+        x, mask = _pad(windows, self.kept.device)
+        logits = self.engine(x)[mask].float()  # [sum T, V'], rows in window order
+        teacher = dense_teacher_logits([w.teacher for w in windows], self.vocab).to(logits.device)
+        weights = torch.cat([self._row_weights(w) for w in windows]).to(logits.device)
+        names = [self._loss_name(w.greedy) for w in windows for _ in w.ids]
+        per_row = torch.zeros_like(weights)
+        for name in set(names):
+            rows = torch.tensor([n == name for n in names], device=logits.device)
+            per_row[rows] = divergence(name, teacher[rows], logits[rows], beta=self.tc.jsd_beta)
+        loss = (per_row * weights).sum() / weights.sum().clamp_min(1e-6)
+        self.engine.backward(loss)
+        self.engine.step()
+        self.stats.steps += 1
+        self.steps_since_candidate += 1
+        self.stats.last_loss = float(loss.detach())
+        self.stats.train_s += time.perf_counter() - t0
+        return self.stats.last_loss
+
+    def _sample_replay(self, n: int) -> list[Window]:
+        if not self.replay or n <= 0:
+            return []
+        newest = self.seen
+        weights = [0.5 ** ((newest - seq) / self.tc.replay_half_life) for seq, _ in self.replay]
+        picks = self.rng.choices(range(len(self.replay)), weights=weights, k=min(n, len(self.replay)))
+        return [self.replay[i][1] for i in set(picks)]
+
+    def step_records(self) -> bool:
+        """A step on fresh windows (topped up from the replay buffer); their records are acknowledged after it."""
+        if not self.fresh:
+            return False
+        backlog = len(self.fresh) > 4 * self.tc.batch_windows
+        take = min(len(self.fresh), self.tc.batch_windows if backlog else max(1, self.tc.fresh_per_step))
+        fresh = [self.fresh.popleft() for _ in range(take)]
+        batch = fresh + self._sample_replay(self.tc.batch_windows - take)
+        self.train_on(batch)
+        self._ack([w.record_id for w in fresh])
+        for w in fresh:
+            self.seen += 1
+            self.replay.append((self.seen, w))
+        self.stats.record_steps += 1
+        return True
+
+    @torch.inference_mode()
+    def _continue(self, prefix: list[int], greedy: bool) -> list[int]:
+        """The drafter's own continuation of ``prefix`` (greedy, or sampled at temperature 1)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        x = torch.tensor([prefix], device=self.kept.device)
+        out = []
+        was_training = self.drafter.training
+        self.drafter.eval()
+        for _ in range(self.tc.onpolicy_tokens):
+            logits = self.drafter(x, cache)[0, -1].float()
+            i = int(logits.argmax()) if greedy else int(torch.multinomial(torch.softmax(logits, -1), 1))
+            tok = int(self.kept[i])
+            out.append(tok)
+            x = torch.tensor([[tok]], device=self.kept.device)
+        self.drafter.train(was_training)
+        return out
+
+    def step_onpolicy(self) -> bool:
+        """DistillSpec's on-policy data: recent contexts continued by the drafter, scored by the target."""
+        if not self.replay:
+            return False
+        windows = []
+        for src in self._sample_replay(self.tc.batch_windows):
+            cut = self.rng.randint(min(8, len(src.ids) - 1), len(src.ids) - 1)
+            prefix = src.ids[:cut + 1]
+            windows.append(Window(ids=prefix + self._continue(prefix, src.greedy), rejected_row=None,
+                                  greedy=src.greedy, label=src.label, first_row=len(prefix) - 1))
+        self.train_on(windows)
+        self.stats.onpolicy_steps += 1
+        return True
+
+    # ---- evaluation and promotion -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def acceptance(self, drafter: Drafter, windows: list[Window], skip_rows: int = 4) -> dict:
+        """The acceptance the target would give ``drafter`` at every position of ``windows`` (teacher-forced):
+        greedy = the drafter's top token is the target's; sampled = sum_v min(p(v), q(v)) (Leviathan et al.),
+        over the target's top-k kept tokens (a lower bound). ``gate`` weighs each window by its own mode."""
+        was_training = drafter.training
+        drafter.eval()
+        score_windows(self.target, self.kept, windows, self.tc.teacher_topk)
+        g_sum = s_sum = gate_sum = 0.0
+        n = 0
+        for i in range(0, len(windows), 8):
+            chunk = windows[i:i + 8]
+            x, _ = _pad(chunk, self.kept.device)
+            q = torch.softmax(drafter(x).float(), -1)
+            for r, w in enumerate(chunk):
+                rows = slice(min(skip_rows, len(w.ids) - 1), len(w.ids))
+                t = w.teacher
+                g = (self.kept[q[r, rows].argmax(-1)] == t.argmax[rows]).float()
+                s = torch.minimum(t.probs[rows], q[r, rows].gather(-1, t.idx[rows])).sum(-1)
+                g_sum, s_sum = g_sum + float(g.sum()), s_sum + float(s.sum())
+                gate_sum += float((g if w.greedy else s).sum())
+                n += g.numel()
+        drafter.train(was_training)
+        n = max(n, 1)
+        return {"greedy": round(g_sum / n, 4), "sampled": round(s_sum / n, 4), "gate": round(gate_sum / n, 4),
+                "positions": n, "windows": len(windows)}
+
+    def _serving_acceptance(self) -> dict:
+        key = (self.serving_version, self._holdout_rev)
+        if key not in self._eval_cache:
+            self._eval_cache = {key: self.acceptance(self.serving_drafter, list(self.holdout))}
+        return self._eval_cache[key]
+
+    def follow_registry(self) -> None:
+        """An operator promoted or rolled back another version: continue training from it."""
+        version = self.registry.serving()
+        if version is None or version == self.serving_version:
+            return
+        try:
+            served = self.registry.load(version, self.target)
+        except RegistryError as e:
+            log.error("cannot follow drafter %s: %s", version, e)
+            return
+        self.serving_version, self.serving_drafter = version, served
+        with torch.no_grad():
+            self.drafter.load_state_dict(served.own_state_dict(), strict=False)
+        self.steps_since_candidate = 0
+        log.info("following operator's drafter %s", version)
+
+    def maybe_promote(self, force: bool = False) -> dict | None:
+        """Register the working weights as a candidate and promote it if it beats the serving version."""
+        if not force and (self.steps_since_candidate < self.tc.promote_every_steps
+                          or len(self.holdout) < self.tc.min_holdout):
+            return None
+        if not self.holdout:
+            return None
+        self.follow_registry()
+        windows = list(self.holdout)
+        cand = self.acceptance(self.drafter, windows)
+        serv = self._serving_acceptance()
+        evaluation = {"candidate": cand, "serving": serv, "serving_version": self.serving_version,
+                      "steps": self.stats.steps, "at": time.time()}
+        manifest = self.registry.register(self.drafter, parent=self.serving_version,
+                                          extra={"trainer": {"steps": self.stats.steps, "loss": self.tc.loss}})
+        version = manifest["version"]
+        self.stats.candidates += 1
+        self.steps_since_candidate = 0
+        gain = cand["gate"] - serv["gate"]
+        figures = (f"held-back acceptance {cand['gate']:.4f} vs {serv['gate']:.4f} for {self.serving_version} "
+                   f"({cand['windows']} windows, {cand['positions']} positions)")
+        if gain >= self.tc.promote_margin:
+            self.registry.record_evaluation(version, evaluation)
+            self.registry.promote(version, reason=f"gate passed: {figures}")
+            self.serving_version = version
+            self.serving_drafter = clone_drafter(self.drafter, self.target)
+            self.serving_drafter.version = version
+            self.stats.promoted.append(version)
+            decision = "promoted"
+        else:
+            self.registry.record_evaluation(
+                version, evaluation, rejected_reason=f"gate refused: {figures}, needs +{self.tc.promote_margin}")
+            self.stats.rejected.append(version)
+            decision = "rejected"
+        self.stats.last_eval = {"version": version, "decision": decision, **evaluation}
+        log.info("candidate %s %s: %s", version, decision, figures)
+        return self.stats.last_eval
+
+    # ---- the loop -----------------------------------------------------------------------------------------
+    def serving_busy(self) -> bool:
+        if not self.tc.yield_to_serving:
+            return False
+        try:
+            return serving_load(self.reader.r, self.cfg.registry.load_key_prefix)["in_flight"] > 0
+        except (redis.RedisError, OSError):
+            return False
+
+    def step(self, allow_onpolicy: bool = True) -> str | None:
+        """One unit of work: a step on records if any wait, else (idle) an on-policy step."""
+        if self.step_records():
+            return "records"
+        if allow_onpolicy and self.tc.onpolicy and self.step_onpolicy():
+            return "onpolicy"
+        return None
+
+    def run(self, stop: threading.Event, paused: threading.Event | None = None) -> None:
+        while not stop.is_set():
+            if paused is not None and paused.is_set():
+                self.idle.set()
+                stop.wait(0.1)
+                continue
+            self.idle.clear()
+            try:
+                busy = self.serving_busy()
+                read = self.poll(block_ms=None if (self.fresh or (self.replay and not busy)) else 500)
+                t0 = time.perf_counter()
+                # On-policy steps only while serving is idle: they use the CPU serving would need.
+                did = self.step(allow_onpolicy=not busy)
+                spent = time.perf_counter() - t0
+                self.maybe_promote()
+            except (redis.RedisError, OSError) as e:
+                log.warning("redis unreachable (%s); retrying", e)
+                stop.wait(1.0)
+                continue
+            if did and busy and self.tc.busy_duty < 1.0:
+                # Yield: compute at most busy_duty of the wall time while replicas have requests in flight.
+                self.stats.busy_waits += 1
+                pause = spent * (1 - self.tc.busy_duty) / self.tc.busy_duty if self.tc.busy_duty > 0 else 0.5
+                stop.wait(pause)
+            elif not did and not read:
+                stop.wait(0.1)
+
+    def state(self) -> dict:
+        return {"serving_version": self.serving_version, "fresh": len(self.fresh), "replay": len(self.replay),
+                "holdout": len(self.holdout), **self.stats.as_dict()}
+
+
+def build_trainer(cfg: OnspecConfig, client: redis.Redis | None = None) -> OnlineTrainer:
+    """Everything from the config: its own target copy, the registry, the serving (or initial) drafter."""
+    from onspec.actors.checkpoint import load_checkpoint
+    from onspec.actors.models import derive_drafter, load_target, stop_token_ids
+
+    torch.set_num_threads(cfg.trainer.threads)
+    target, tok = load_target(cfg.model.model_copy(update={"threads": cfg.trainer.threads}), cfg.data_dir)
+    client = client or redis.Redis.from_url(cfg.redis.url, socket_timeout=10, socket_connect_timeout=10)
+    registry = DrafterRegistry(client, cfg.data_dir, cfg.registry.prefix)
+    if cfg.drafter.checkpoint:
+        initial, _ = load_checkpoint(cfg.drafter.checkpoint, target)
+    else:
+        initial = derive_drafter(target, cfg.drafter.layers, cfg.drafter.vocab_keep,
+                                 always_keep=tuple(stop_token_ids(target, tok)))
+    registry.ensure_registered(initial)
+    serving = registry.serving()
+    drafter = registry.load(serving, target) if serving and serving != initial.version else initial
+    reader = StreamReader(client, cfg.redis.stream_key, cfg.trainer.consumer_group, cfg.trainer.consumer,
+                          cfg.trainer.claim_idle_ms, cfg.trainer.read_count)
+    reader.ensure_group()
+    return OnlineTrainer(cfg, target, drafter, registry, reader)
+
+
+class TrainerActor:
+    """The Ray actor (cluster/serve.py starts it with ray.remote): the trainer on a background thread."""
+
+    def __init__(self, cfg: dict):
+        logging.basicConfig(level=logging.INFO)
+        self.cfg = OnspecConfig.model_validate(cfg)
+        self.trainer = build_trainer(self.cfg)
+        self._stop, self._paused = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self.trainer.run, args=(self._stop, self._paused),
+                                        name="onspec-trainer", daemon=True)
+        self._thread.start()
+
+    def state(self) -> dict:
+        return {**self.trainer.state(), "paused": self._paused.is_set(), "alive": self._thread.is_alive()}
+
+    def pause(self, timeout_s: float = 120.0) -> dict:
+        """Stop computing; returns once the step in progress (if any) is done."""
+        self._paused.set()
+        self.trainer.idle.wait(timeout_s)
+        return self.state()
+
+    def resume(self) -> dict:
+        self._paused.clear()
+        return self.state()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)

@@ -1,0 +1,178 @@
+"""The online trainer on tiny models and a real redis-server: consumer-group semantics (ack only after the step
+that used a record, resume after a restart, reclaim from a dead consumer), training that lowers the loss, and
+the promotion gate."""
+import random
+
+import pytest
+import redis
+import torch
+
+from onspec.actors.engine import RoundRecord
+from onspec.actors.models import derive_drafter
+from onspec.actors.registry import DrafterRegistry
+from onspec.actors.stream_logger import encode_record
+from onspec.actors.trainer import OnlineTrainer, StreamReader, Window, window_from_record
+from onspec.cluster.config import OnspecConfig
+from onspec.cluster.redis_server import RedisServer
+from tests.conftest import tiny_target
+
+KEY, GROUP = "test:rejections", "trainers"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def client(server):
+    c = redis.Redis.from_url(server.url)
+    c.flushall()
+    return c
+
+
+def _records(n, seed=0, vocab=96):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        ctx = [rng.randrange(vocab) for _ in range(rng.randint(10, 30))]
+        drafts = [rng.randrange(vocab) for _ in range(4)]
+        out.append(RoundRecord(context=ctx, drafts=drafts, accepted=i % 4, target_token=rng.randrange(vocab),
+                               topk_ids=[1, 2], topk_logprobs=[-0.5, -1.0], drafter_version="base",
+                               temperature=0.0 if i % 3 else 0.8))
+    return out
+
+
+def _write(client, records):
+    return [client.xadd(KEY, encode_record(r, "test", 1.0, f"req-{i}")).decode() for i, r in enumerate(records)]
+
+
+def _trainer(client, tmp_path, consumer="t0", claim_idle_ms=60_000, **trainer):
+    cfg = OnspecConfig(data_dir=tmp_path).merged(**{"trainer.consumer": consumer, "trainer.batch_windows": 4,
+                                                     "trainer.fresh_per_step": 2, "trainer.holdout_percent": 1,
+                                                     **{f"trainer.{k}": v for k, v in trainer.items()}})
+    target = tiny_target()
+    counts = torch.arange(target.config.vocab_size, 0, -1).double()
+    drafter = derive_drafter(target, 2, 64, counts=counts)
+    registry = DrafterRegistry(client, tmp_path)
+    registry.ensure_registered(drafter)
+    reader = StreamReader(client, KEY, GROUP, consumer, claim_idle_ms=claim_idle_ms, count=8)
+    reader.ensure_group()
+    return OnlineTrainer(cfg, target, drafter, registry, reader)
+
+
+def _pending_of(client, consumer):
+    return {e["message_id"].decode() for e in client.xpending_range(KEY, GROUP, "-", "+", 1000, consumername=consumer)}
+
+
+def test_window_from_record_puts_the_rejected_row_before_the_correction():
+    rec = {"context": [5, 6, 7], "drafts": [8, 9, 10], "rejected_pos": 1, "target_token": 42, "temperature": 0.0}
+    w = window_from_record(rec, "1-0")
+    assert w.ids == [5, 6, 7, 8, 42]
+    assert w.ids[w.rejected_row + 1] == 42 and w.greedy
+
+
+def test_records_are_acknowledged_only_after_the_step_that_used_them(client, tmp_path):
+    ids = _write(client, _records(12))
+    tr = _trainer(client, tmp_path, holdout_percent=1)
+    tr.poll()
+    read = {w.record_id for w in tr.fresh}
+    held = {w.record_id for w in tr.holdout}
+    assert read | held == set(ids[:8])
+    assert _pending_of(client, "t0") == read  # read but not trained on: still pending
+    tr.step_records()  # takes 2 fresh windows
+    trained = read - {w.record_id for w in tr.fresh}
+    assert len(trained) == 2
+    assert _pending_of(client, "t0") == read - trained
+    while tr.step_records():
+        pass
+    assert _pending_of(client, "t0") == set()
+    assert tr.stats.records_acked == 8
+
+
+def test_a_restarted_trainer_resumes_its_own_pending_records_first(client, tmp_path):
+    ids = _write(client, _records(10))
+    first = _trainer(client, tmp_path)
+    first.poll()
+    first.step_records()  # 2 acknowledged; the rest pending with t0 when it "dies"
+    left = _pending_of(client, "t0")
+    assert len(left) == 6
+    again = _trainer(client, tmp_path)  # same consumer name: a restart
+    again.poll()
+    assert {w.record_id for w in again.fresh} | {w.record_id for w in again.holdout} == left
+    again.poll()  # then new records, from where the group left off
+    assert {w.record_id for w in again.fresh} >= set(ids[8:]) - {w.record_id for w in again.holdout}
+    while again.step_records():
+        pass
+    assert client.xpending(KEY, GROUP)["pending"] == 0
+    assert again.stats.records_acked + first.stats.records_acked == 10  # none lost, none acknowledged twice
+
+
+def test_records_of_a_dead_consumer_are_claimed(client, tmp_path):
+    _write(client, _records(6))
+    dead = StreamReader(client, KEY, GROUP, "dead", count=6)
+    dead.ensure_group()
+    got = dead.read()
+    assert len(got) == 6 and len(_pending_of(client, "dead")) == 6
+    alive = _trainer(client, tmp_path, consumer="alive", claim_idle_ms=1)
+    alive.reader._own_cursor = None
+    deadline_polls = 5
+    while _pending_of(client, "dead") and deadline_polls:
+        alive.poll()
+        deadline_polls -= 1
+    assert _pending_of(client, "dead") == set()
+    assert alive.reader.claimed == 6
+    while alive.step_records():
+        pass
+    assert client.xpending(KEY, GROUP)["pending"] == 0
+
+
+def test_training_on_records_lowers_the_loss_and_replays(client, tmp_path):
+    _write(client, _records(16))
+    tr = _trainer(client, tmp_path, lr=3e-3)
+    while tr.poll():
+        pass
+    batch = list(tr.fresh)[:4]
+    first = tr.train_on(batch)
+    for _ in range(15):
+        last = tr.train_on(batch)
+    assert last < 0.7 * first
+    while tr.step_records():
+        pass
+    assert len(tr.replay) == 16 - len(tr.holdout)
+    assert tr.step_onpolicy() and tr.stats.onpolicy_steps == 1
+
+
+def test_the_gate_refuses_a_worse_candidate_and_promotes_a_better_one(client, tmp_path):
+    _write(client, _records(40, seed=3))
+    tr = _trainer(client, tmp_path, holdout_percent=50, min_holdout=4, promote_margin=0.0)
+    while tr.poll():
+        pass
+    assert len(tr.holdout) >= 4
+    with torch.no_grad():  # a ruined drafter: noise over every weight of its own
+        for name, p in tr.drafter.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 5)
+    worse = tr.maybe_promote(force=True)
+    assert worse["decision"] == "rejected"
+    info = tr.registry.show(worse["version"])
+    assert info["status"] == "rejected" and "gate refused" in info["reason"]
+    assert tr.registry.serving() == "base"
+    # The reverse: the serving drafter is the ruined one, the working copy is the base again.
+    ruined = tr.registry.show(worse["version"])
+    tr.serving_drafter, tr.serving_version = tr.registry.load(ruined["version"], tr.target), ruined["version"]
+    tr.registry.promote(ruined["version"], "test: serve the ruined one")
+    base = tr.registry.load("base", tr.target)
+    tr.drafter.load_state_dict(base.own_state_dict(), strict=False)
+    better = tr.maybe_promote(force=True)
+    assert better["decision"] == "promoted"
+    assert tr.registry.serving() == better["version"]
+    assert better["candidate"]["gate"] > better["serving"]["gate"]
+
+
+def test_window_weights_put_the_rejected_row_up(tmp_path, client):
+    tr = _trainer(client, tmp_path, rejected_weight=4.0)
+    w = Window(ids=[1, 2, 3, 4, 5], rejected_row=2, greedy=True, first_row=1)
+    assert tr._row_weights(w).tolist() == [0.0, 1.0, 4.0, 1.0, 1.0]
