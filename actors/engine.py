@@ -78,11 +78,13 @@ class GenerationStats:
 
 @dataclass
 class RoundRecord:
-    """What a verification round with a rejection teaches the drafter (sent to ``round_observer``).
+    """What a verification round teaches the drafter (sent to ``round_observer``): every round with a
+    rejection, and a coverage round now and then (``record_coverage``).
 
-    ``context`` ends with the pending token; the drafts followed it; ``accepted`` of them were kept and the
-    first rejected one sat at draft position ``accepted``, where the target chose ``target_token`` and its
-    top-k log-probabilities were ``topk_ids`` / ``topk_logprobs``."""
+    ``context`` ends with the pending token; the drafts followed it; ``accepted`` of them were kept. If
+    ``accepted < len(drafts)`` the first rejected one sat at draft position ``accepted``; otherwise nothing was
+    rejected (all accepted, or no drafts). Either way the target chose ``target_token`` at position
+    ``accepted``, with top-k log-probabilities ``topk_ids`` / ``topk_logprobs`` there."""
     context: list[int]
     drafts: list[int]
     accepted: int
@@ -165,6 +167,7 @@ class _Sequence:
     tcache: DynamicCache = field(default_factory=DynamicCache)
     dcache: DynamicCache = field(default_factory=DynamicCache)
     dlen: int = 0  # positions in the drafter's cache
+    unrecorded: int = 0  # tokens generated since the last RoundRecord
 
 
 class SpeculativeEngine:
@@ -185,6 +188,10 @@ class SpeculativeEngine:
         self.round_observer: Callable[[RoundRecord], None] | None = None
         self.record_context = 128   # context tokens kept in a RoundRecord
         self.record_topk = 8        # target log-probabilities kept at the rejected position
+        # Also send a record after this many tokens without one (0: rejections only). A poor drafter makes the
+        # controller stop drafting, and then no round rejects anything: without these the trainer would starve
+        # exactly when it is needed most.
+        self.record_coverage = 0
         self._next_drafter = None   # set by any thread (swap_drafter), taken by the decoding thread
         self._seq = None            # the sequence being decoded, if any
         self.swaps = 0
@@ -373,8 +380,8 @@ class SpeculativeEngine:
             x = torch.tensor([[int(tok)]], device=self.device)
         return drafts, (torch.stack(qs) if qs else None)
 
-    def _observe_rejection(self, seq: _Sequence, old_len: int, drafts: list[int], n: int, nxt: int,
-                           row: torch.Tensor) -> None:
+    def _observe(self, seq: _Sequence, old_len: int, drafts: list[int], n: int, nxt: int,
+                 row: torch.Tensor) -> None:
         top = torch.log_softmax(row.float(), -1).topk(self.record_topk)
         self.round_observer(RoundRecord(
             context=seq.tokens[max(0, old_len - self.record_context):old_len], drafts=drafts, accepted=n,
@@ -407,8 +414,11 @@ class SpeculativeEngine:
         new = drafts[:n] + [nxt]
         seq.tokens.extend(new)
 
-        if self.round_observer is not None and n < k:
-            self._observe_rejection(seq, old_len, drafts, n, nxt, logits[n])
+        if self.round_observer is not None:
+            seq.unrecorded += len(new)
+            if n < k or (self.record_coverage and seq.unrecorded >= self.record_coverage):
+                seq.unrecorded = 0
+                self._observe(seq, old_len, drafts, n, nxt, logits[n])
         stats.target_forwards += 1
         stats.drafted += k
         stats.accepted += n

@@ -47,6 +47,7 @@ class Replica:
         self.replica_id = replica_id or uuid.uuid4().hex[:8]
         engine.record_context = cfg.stream.context_window
         engine.record_topk = cfg.stream.topk
+        engine.record_coverage = cfg.stream.coverage_every
         self.set_stream_enabled(cfg.stream.enabled)
         self._label, self._request_id = "", ""
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="onspec-engine")

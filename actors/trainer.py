@@ -77,7 +77,9 @@ class Teacher:
 def window_from_record(rec: dict, record_id: str | None = None) -> Window:
     n = rec["rejected_pos"]
     ids = rec["context"] + rec["drafts"][:n] + [rec["target_token"]]
-    return Window(ids=ids, rejected_row=len(rec["context"]) - 1 + n, greedy=rec.get("temperature", 0.0) <= 1e-5,
+    rejected = n < len(rec["drafts"])  # else a coverage record: nothing was rejected in that round
+    return Window(ids=ids, rejected_row=len(rec["context"]) - 1 + n if rejected else None,
+                  greedy=rec.get("temperature", 0.0) <= 1e-5,
                   record_id=record_id, label=rec.get("label", ""))
 
 

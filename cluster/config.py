@@ -80,6 +80,9 @@ class StreamConfig(_Strict):
     enabled: bool = True
     context_window: int = Field(128, ge=1, description="context token ids kept per record")
     topk: int = Field(8, ge=1, le=256, description="target log-probabilities kept at the rejected position")
+    coverage_every: int = Field(48, ge=0, description="also write a record after this many tokens without one, "
+                                                      "so that text served without drafting (a drafter too poor "
+                                                      "to use) still reaches the trainer; 0: rejections only")
 
 
 class RegistryConfig(_Strict):
@@ -116,9 +119,9 @@ class TrainerConfig(_Strict):
                                                          "newer windows: recent traffic is favoured")
     teacher_topk: int = Field(32, ge=1, description="target probabilities kept per position (the rest of the "
                                                     "mass is spread evenly over the drafter's vocabulary)")
-    holdout_percent: int = Field(10, ge=1, le=50, description="records held back for the promotion gate")
+    holdout_percent: int = Field(15, ge=1, le=50, description="records held back for the promotion gate")
     holdout_size: int = Field(48, ge=1, description="most recent held-back windows evaluated")
-    min_holdout: int = Field(8, ge=1, description="no promotion before this many held-back windows")
+    min_holdout: int = Field(6, ge=1, description="no promotion before this many held-back windows")
     promote_every_steps: int = Field(60, ge=1, description="training steps between candidates")
     promote_margin: float = Field(0.01, ge=0, description="a candidate must beat the serving version's "
                                                           "held-back acceptance by this much")

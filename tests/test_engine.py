@@ -137,3 +137,40 @@ def test_round_observer_sees_each_rejection_with_the_targets_choice():
         if pos + r.accepted < len(full):
             assert full[pos + r.accepted] == r.target_token != r.drafts[r.accepted]
         assert r.topk_ids[0] == r.target_token and len(r.topk_logprobs) == 4
+
+
+def test_coverage_records_reach_the_observer_when_nothing_is_drafted():
+    """A drafter too poor to use means no drafts and so no rejections: coverage records still carry the text."""
+    from onspec.actors.trainer import window_from_record
+
+    eng = tiny_engine()
+    eng.record_coverage = 10
+    seen = []
+    eng.round_observer = seen.append
+    g = eng.generate([1, 2, 3], SamplingParams(max_tokens=35), speculate=False)
+    assert len(seen) == 3  # after 10, 20 and 30 tokens (the prefill's token counts toward the first)
+    for rec in seen:
+        assert rec.drafts == [] and rec.accepted == 0
+        full = [1, 2, 3] + g.token_ids
+        assert rec.context[-1] == full[len(rec.context) - 1] and rec.target_token == full[len(rec.context)]
+        w = window_from_record({"context": rec.context, "drafts": [], "rejected_pos": 0,
+                                "target_token": rec.target_token})
+        assert w.rejected_row is None and w.ids == full[:len(rec.context) + 1]
+
+
+def test_a_drafter_handed_over_mid_request_is_taken_between_rounds():
+    eng = tiny_engine(mode="fixed", fixed_k=3)
+    other = tiny_engine(drafter_layers=1, mode="fixed", fixed_k=3, seed=0).drafter
+    other.version = "other"
+    expected = eng.generate([5, 6, 7], SamplingParams(max_tokens=30), speculate=False).token_ids
+    stats_versions = []
+    out = []
+    from onspec.actors.engine import GenerationStats
+    stats = GenerationStats()
+    for i, chunk in enumerate(eng.stream([5, 6, 7], SamplingParams(max_tokens=30), True, stats)):
+        out.extend(chunk)
+        stats_versions.append(stats.drafter_version)
+        if i == 2:
+            eng.swap_drafter(other)
+    assert out == expected
+    assert eng.drafter is other and eng.swaps == 1 and stats_versions[-1] == "other"
