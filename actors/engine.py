@@ -391,8 +391,8 @@ class SpeculativeEngine:
     def _round(self, seq: _Sequence, speculate: bool, budget: int, stats: GenerationStats) -> list[int]:
         if self._next_drafter is not None:
             self._take_swap(seq)
-            if speculate:
-                stats.drafter_version = getattr(self.drafter, "version", None)
+        if speculate:  # a request that saw a swap reports the drafter that finished it
+            stats.drafter_version = getattr(self.drafter, "version", None)
         old_len = len(seq.tokens)  # the pending token sits at old_len - 1
         room = min(self.max_context - old_len - 1, budget - (old_len - seq.prompt_len))
         cap = min(self.controller.draft_cap(), max(room, 0)) if speculate else 0

@@ -184,7 +184,8 @@ class DrafterRegistry:
         return {"version": version, "parent_version": manifest.get("parent_version"), "status": meta["status"],
                 "reason": meta["reason"], "evaluation": json.loads(meta.get("evaluation") or "{}"),
                 "path": meta["path"], "sha256": manifest["sha256"], "created": manifest.get("created"),
-                "updated": float(meta.get("updated") or 0), "manifest": manifest}
+                "updated": float(meta.get("updated") or 0), "pruned": meta.get("pruned") == "1",
+                "manifest": manifest}
 
     def list(self) -> list[dict]:
         return [self.show(v) for v in self.versions()]
@@ -211,6 +212,8 @@ class DrafterRegistry:
 
     def promote(self, version: str, reason: str = "promoted by an operator", action: str = "promote") -> dict:
         """Make ``version`` the serving drafter on every replica (they poll the serving key)."""
+        if self._meta(version).get("pruned") == "1":
+            raise RegistryError(f"drafter version {version} was a rejected candidate whose files were pruned")
         self.show(version)
         return self._switch(version, reason, action)
 
@@ -240,6 +243,22 @@ class DrafterRegistry:
                     return {**entry, "changed": True}
                 except redis.WatchError:
                     continue
+
+    def prune(self, keep_rejected: int = 3) -> list[str]:
+        """Delete the files of rejected candidates but the newest ``keep_rejected`` (a trainer registers one every
+        few minutes, forever); their metadata and evaluation stay, marked ``pruned``. Serving and retired
+        versions are kept: they are what a rollback returns to. Returns the versions pruned."""
+        rejected = [v for v in self.versions() if self._meta(v).get("status") == "rejected"
+                    and self._meta(v).get("pruned") != "1"]
+        pruned = []
+        for version in rejected[:max(0, len(rejected) - keep_rejected)]:
+            shutil.rmtree(self.root / version, ignore_errors=True)
+            self.r.hset(self._k("meta", version), mapping={"pruned": "1", "updated": time.time()})
+            pruned.append(version)
+        return pruned
+
+    def _meta(self, version: str) -> dict:
+        return {_text(k): _text(v) for k, v in self.r.hgetall(self._k("meta", version)).items()}
 
     def rollback(self, version: str | None = None, reason: str | None = None) -> dict:
         """Serve ``version`` again, or (None) the version that served before the current one."""

@@ -477,6 +477,7 @@ class OnlineTrainer:
                 version, evaluation, rejected_reason=f"gate refused: {figures}, needs +{self.tc.promote_margin}")
             self.stats.rejected.append(version)
             decision = "rejected"
+            self.registry.prune(self.cfg.registry.keep_rejected)
         self.stats.last_eval = {"version": version, "decision": decision, **evaluation}
         log.info("candidate %s %s: %s", version, decision, figures)
         return self.stats.last_eval

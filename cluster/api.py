@@ -5,13 +5,16 @@
     async ready() -> dict                         Replica.ready()
     async stats() -> dict                         Replica.stats()
 
+and optionally ``async trainer() -> dict | None`` (the online trainer's state).
 cluster/serve.py passes a backend over Ray Serve deployment handles; tests may pass a local one.
 Every refusal is a 4xx with OpenAI's error body {"error": {"message", "type", "param", "code"}}.
-The same app serves the drafter registry's admin endpoints (/v1/admin/drafters...) when Redis is configured.
+The same app serves the drafter registry's admin endpoints (/v1/admin/drafters...) when Redis is configured,
+/metrics (Prometheus) and the dashboard (/dashboard, cluster/dashboard.py).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -21,6 +24,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from onspec.cluster.config import OnspecConfig
+from onspec.cluster.dashboard import History, add_dashboard_routes
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -30,6 +34,9 @@ LABEL_PATTERN = r"^[A-Za-z0-9_.:/-]{1,64}$"
 VERSION_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat_completions"}
 MAX_METRIC_LABELS = 32  # distinct `label` values given their own metric series; the rest count as "other"
+MAX_METRIC_VERSIONS = 32  # distinct drafter versions given their own series; later ones count as "other"
+REPLICA_STALE_S = 300.0  # a replica not heard from for this long is left out of the drafter-version gauge
+SNAPSHOT_TIMEOUT_S = 2.0  # a scrape does not wait longer than this for a replica, the trainer or Redis
 
 
 # ---- request schemas ----------------------------------------------------------------------------------------
@@ -99,9 +106,26 @@ def error_response(status: int, error: dict) -> JSONResponse:
 
 
 # ---- metrics ------------------------------------------------------------------------------------------------
+def _bounded(value: str, seen: set[str], cap: int) -> str:
+    """``value``, or "other" once ``cap`` distinct values have their own series (a client cannot blow up the
+    number of series by sending a new label with every request)."""
+    if value in seen or len(seen) < cap:
+        seen.add(value)
+        return value
+    return "other"
+
+
+def verification_steps(usage: dict) -> int:
+    """Target forward passes of a request (prefill included), recovered from usage's rounded tokens_per_step:
+    exact up to ~8000 steps, far beyond max_tokens_limit's default."""
+    tps = usage.get("tokens_per_step") or 0
+    return round(usage["completion_tokens"] / tps) if tps > 0 else 0
+
+
 class Metrics:
-    """A private prometheus_client registry of what passes through this ingress, plus the stream loggers'
-    counters as each engine replica last reported them (they ride along with every finished request)."""
+    """A private prometheus_client registry of what passes through this ingress, plus what the ingress fetches
+    at each scrape: the engine replicas' logger counters and drafter versions (they also ride along with every
+    finished request), the trainer's state and the registry's serving version and history."""
 
     def __init__(self):
         r = self.registry = CollectorRegistry()
@@ -115,28 +139,79 @@ class Metrics:
         self.drafted = Counter("onspec_spec_draft_tokens", "drafted tokens", ["label"], registry=r)
         self.accepted = Counter("onspec_spec_accepted_tokens", "accepted draft tokens", ["label"], registry=r)
         self.cancelled = Counter("onspec_requests_cancelled", "streams the client left early", registry=r)
+        self._per_version(r)
         self.replicas: dict[str, dict] = {}
+        self.seen: dict[str, float] = {}  # replica id -> when it last reported
+        self.trainer: dict | None = None  # the trainer's state at the last scrape (None: no trainer answered)
+        self.drafters: dict | None = None  # {"serving", "history"} from the registry at the last scrape
         self._labels: set[str] = set()
+        self._versions: set[str] = set()
         r.register(self)
 
-    def label(self, label: str | None) -> str:
-        if not label:
-            return ""
-        if label in self._labels or len(self._labels) < MAX_METRIC_LABELS:
-            self._labels.add(label)
-            return label
-        return "other"
+    def _per_version(self, r: CollectorRegistry) -> None:
+        # The drift views: the same figures split by the drafter version that served the request.
+        by = ["drafter_version", "label"]
+        self.served = Counter("onspec_served_requests", "requests answered in full", by, registry=r)
+        self.generated = Counter("onspec_generated_tokens", "generated tokens", by, registry=r)
+        self.drafted_by = Counter("onspec_drafted_tokens", "drafted tokens", by, registry=r)
+        self.accepted_by = Counter("onspec_accepted_tokens", "accepted draft tokens", by, registry=r)
+        self.steps = Counter("onspec_verification_steps", "target forward passes, prefill included (decoding "
+                             "with the target alone takes one per generated token)", by, registry=r)
+        self.acceptance = Histogram("onspec_request_acceptance_rate", "accepted / drafted of one request "
+                                    "(requests that drafted nothing are not observed)", ["drafter_version"],
+                                    registry=r, buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
+        self.tokens_per_step = Histogram("onspec_request_tokens_per_step", "generated tokens per target forward "
+                                         "pass of one request", ["drafter_version"], registry=r,
+                                         buckets=(1, 1.25, 1.5, 1.75, 2, 2.5, 3, 4, 5, 6, 8))
+        self.draft_length = Histogram("onspec_request_draft_length", "mean draft length chosen per verification "
+                                      "round of one request (0: the controller did not draft)",
+                                      ["drafter_version"], registry=r,
+                                      buckets=(0, 0.5, 1, 1.5, 2, 3, 4, 5, 6, 8, 12, 16))
 
-    def finished(self, label: str | None, usage: dict, replica: dict | None) -> None:
-        lab = self.label(label)
+    def label(self, label: str | None) -> str:
+        return _bounded(label, self._labels, MAX_METRIC_LABELS) if label else ""
+
+    def version(self, version: str | None) -> str:
+        return _bounded(version, self._versions, MAX_METRIC_VERSIONS) if version else "none"
+
+    def finished(self, label: str | None, usage: dict, replica: dict | None) -> tuple[str, str]:
+        """Count a finished request; returns the (drafter_version, label) series it went to."""
+        lab, ver = self.label(label), self.version(usage.get("drafter_version"))
         self.prompt_tokens.labels(lab).inc(usage["prompt_tokens"])
         self.completion_tokens.labels(lab).inc(usage["completion_tokens"])
         self.drafted.labels(lab).inc(usage["drafted_tokens"])
         self.accepted.labels(lab).inc(usage["accepted_tokens"])
+        steps = verification_steps(usage)
+        self.served.labels(ver, lab).inc()
+        self.generated.labels(ver, lab).inc(usage["completion_tokens"])
+        self.drafted_by.labels(ver, lab).inc(usage["drafted_tokens"])
+        self.accepted_by.labels(ver, lab).inc(usage["accepted_tokens"])
+        self.steps.labels(ver, lab).inc(steps)
+        if usage["drafted_tokens"]:
+            self.acceptance.labels(ver).observe(usage["accepted_tokens"] / usage["drafted_tokens"])
+        if steps:
+            self.tokens_per_step.labels(ver).observe(usage["completion_tokens"] / steps)
+        if steps > 1:  # the rounds after prefill each chose a draft length
+            self.draft_length.labels(ver).observe(usage["drafted_tokens"] / (steps - 1))
         if replica:
-            self.replicas[replica["replica_id"]] = replica
+            self.replica(replica)
+        return ver, lab
+
+    def replica(self, rep: dict) -> None:
+        self.replicas[rep["replica_id"]] = rep
+        self.seen[rep["replica_id"]] = time.time()
+
+    def live_replicas(self) -> list[dict]:
+        cutoff = time.time() - REPLICA_STALE_S
+        return [rep for rid, rep in sorted(self.replicas.items()) if self.seen.get(rid, 0) >= cutoff]
 
     def collect(self):
+        yield from self._logger_families()
+        yield from self._replica_families()
+        yield from _trainer_families(self.trainer)
+        yield from _registry_families(self.drafters)
+
+    def _logger_families(self):
         written = CounterMetricFamily("onspec_stream_records_written", "records Redis acknowledged",
                                       labels=["replica"])
         dropped = CounterMetricFamily("onspec_stream_records_dropped", "records dropped (buffer full)",
@@ -160,6 +235,68 @@ class Metrics:
                 pending.add_metric([rid], log["pending"])
                 cpu.add_metric([rid], log.get("cpu_s", 0.0))
         yield from (written, dropped, errors, pending, gen, obs, cpu)
+
+    def _replica_families(self):
+        info = GaugeMetricFamily("onspec_replica_drafter_info", "1 for the drafter version each engine replica "
+                                 "serves (as it last reported)", labels=["replica", "drafter_version"])
+        busy = GaugeMetricFamily("onspec_replica_in_flight", "requests running or waiting on each engine replica "
+                                 "(as it last reported)", labels=["replica"])
+        swaps = CounterMetricFamily("onspec_replica_drafter_swaps", "drafter hot swaps each engine replica took",
+                                    labels=["replica"])
+        for rep in self.live_replicas():
+            rid = rep["replica_id"]
+            info.add_metric([rid, str(rep.get("drafter_version") or "none")], 1.0)
+            busy.add_metric([rid], rep.get("in_flight", 0))
+            swaps.add_metric([rid], rep.get("drafter_swaps", 0))
+        yield from (info, busy, swaps)
+
+
+def _trainer_families(state: dict | None):
+    up = GaugeMetricFamily("onspec_trainer_up", "1 when the online trainer answered at this scrape")
+    up.add_metric([], 1.0 if state else 0.0)
+    yield up
+    if not state:
+        return
+    counters = (("steps", "onspec_trainer_steps", "training steps"),
+                ("records_read", "onspec_trainer_records_read", "stream records read"),
+                ("records_acked", "onspec_trainer_records_consumed",
+                 "stream records trained on (or held back for the gate) and acknowledged"),
+                ("records_skipped", "onspec_trainer_records_skipped", "records skipped (unknown schema, trimmed)"),
+                ("busy_waits", "onspec_trainer_paused_for_load", "times the trainer paused for serving load"),
+                ("candidates", "onspec_trainer_candidates", "candidate versions registered"),
+                ("train_s", "onspec_trainer_train_seconds", "time spent in training steps"))
+    for key, name, doc in counters:
+        yield CounterMetricFamily(name, doc, value=float(state.get(key) or 0))
+    gate = CounterMetricFamily("onspec_trainer_gate_decisions", "promotion gate decisions on candidates",
+                               labels=["decision"])
+    gate.add_metric(["promoted"], len(state.get("promoted") or ()))
+    gate.add_metric(["rejected"], len(state.get("rejected") or ()))
+    yield gate
+    if state.get("last_loss") is not None:
+        yield GaugeMetricFamily("onspec_trainer_loss", "loss of the last training step", value=state["last_loss"])
+    yield GaugeMetricFamily("onspec_trainer_paused", "1 while an operator has paused the trainer",
+                            value=1.0 if state.get("paused") else 0.0)
+    yield GaugeMetricFamily("onspec_trainer_replay_windows", "windows in the replay buffer",
+                            value=float(state.get("replay") or 0))
+
+
+def _registry_families(drafters: dict | None):
+    if drafters is None:  # no Redis, or it did not answer: better no series than wrong ones
+        return
+    serving = GaugeMetricFamily("onspec_drafter_serving_info", "1 for the drafter version the registry says "
+                                "every replica should serve", labels=["drafter_version"])
+    if drafters["serving"]:
+        serving.add_metric([drafters["serving"]], 1.0)
+    yield serving
+    history = drafters["history"]
+    yield CounterMetricFamily("onspec_drafter_promotions", "promotions in the registry's history (by the "
+                              "trainer's gate or an operator)",
+                              value=sum(h.get("action") == "promote" for h in history))
+    yield CounterMetricFamily("onspec_drafter_rollbacks", "rollbacks in the registry's history",
+                              value=sum(h.get("action") == "rollback" for h in history))
+    if history:
+        yield GaugeMetricFamily("onspec_drafter_last_change_timestamp_seconds", "when the serving version last "
+                                "changed (Unix time)", value=float(history[-1].get("at") or 0))
 
 
 # ---- the app ------------------------------------------------------------------------------------------------
@@ -191,13 +328,51 @@ def validated(schema: type[BaseModel], data: Any) -> BaseModel:
                        code="invalid_value") from None
 
 
-def create_app(cfg: OnspecConfig, backend, registry=None) -> FastAPI:
+def _history(cfg: OnspecConfig, registry) -> History:
+    """The dashboard's history store: the given registry's Redis, else ``redis.url``, else memory."""
+    if registry is not None:
+        return History(lambda: registry.r)
+    if cfg.redis.url:
+        def client():
+            import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            # One quick retry (a dropped idle connection), not redis-py's seconds of backoff: the page polls,
+            # the flusher tries again at its next interval.
+            return redis.Redis.from_url(cfg.redis.url, socket_timeout=SNAPSHOT_TIMEOUT_S,
+                                        socket_connect_timeout=SNAPSHOT_TIMEOUT_S, retry=Retry(NoBackoff(), 1))
+        return History(client)
+    return History()
+
+
+def create_app(cfg: OnspecConfig, backend, registry=None, history: History | None = None) -> FastAPI:
     """``registry``: a DrafterRegistry for the admin endpoints; None builds one from ``cfg.redis.url`` on
-    first use (none without a Redis URL: the admin endpoints then answer 503)."""
-    app = FastAPI(title="onspec", docs_url=None, redoc_url=None, openapi_url=None)
+    first use (none without a Redis URL: the admin endpoints then answer 503). ``history``: the dashboard's
+    store (cluster/dashboard.py); None puts it in the registry's Redis (or memory without Redis)."""
+    history = history or _history(cfg, registry)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        flusher = asyncio.create_task(history.run(getattr(backend, "trainer", None)))
+        try:
+            yield
+        finally:
+            flusher.cancel()
+            with contextlib.suppress(BaseException):
+                await flusher
+            with contextlib.suppress(Exception):  # what the last interval summed (Redis may be gone by now)
+                await asyncio.wait_for(history.flush(), SNAPSHOT_TIMEOUT_S)
+
+    app = FastAPI(title="onspec", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     model_name = cfg.server.served_model_name or cfg.model.name
     metrics = Metrics()
-    app.state.metrics = metrics
+    drafters = _Registry(cfg, registry)
+    app.state.metrics, app.state.history = metrics, history
+
+    def record(label: str | None, usage: dict, replica: dict | None, t0: float) -> None:
+        version, lab = metrics.finished(label, usage, replica)
+        history.add(version, lab, usage, verification_steps(usage), time.perf_counter() - t0)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -249,7 +424,7 @@ def create_app(cfg: OnspecConfig, backend, registry=None) -> FastAPI:
         if res["type"] == "error":
             metrics.requests.labels(endpoint, str(res["status"])).inc()
             return error_response(res["status"], res["error"])
-        metrics.finished(req.label, res["usage"], res.get("replica"))
+        record(req.label, res["usage"], res.get("replica"), t0)
         metrics.requests.labels(endpoint, "200").inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
         return render.full(res)
@@ -283,7 +458,7 @@ def create_app(cfg: OnspecConfig, backend, registry=None) -> FastAPI:
                             yield sse(render.delta(ev["text"]))
                     elif ev["type"] == "end":
                         finished = True
-                        metrics.finished(req.label, ev["usage"], ev.get("replica"))
+                        record(req.label, ev["usage"], ev.get("replica"), t0)
                         yield sse(render.finish(ev["finish_reason"]))
                         if include_usage:
                             yield sse(render.usage(ev["usage"]))
@@ -355,17 +530,51 @@ def create_app(cfg: OnspecConfig, backend, registry=None) -> FastAPI:
         status = "ok" if state["redis"] in ("ok", "disabled") else "degraded"
         return {"status": status, **state}
 
-    @app.get("/metrics")
-    async def prometheus():
-        try:  # a fresh snapshot of one replica's logger counters (the others update as their requests finish)
-            rep = await asyncio.wait_for(backend.stats(), 2.0)
-            metrics.replicas[rep["replica_id"]] = rep
+    async def refresh_replica() -> None:
+        try:  # a fresh snapshot of one replica (the others update as their requests finish)
+            metrics.replica(await asyncio.wait_for(backend.stats(), SNAPSHOT_TIMEOUT_S))
         except Exception:  # noqa: BLE001, S110
             pass  # busy or gone: the last reported figures stand
+
+    async def refresh_trainer() -> None:
+        fetch = getattr(backend, "trainer", None)
+        try:
+            metrics.trainer = await asyncio.wait_for(fetch(), SNAPSHOT_TIMEOUT_S) if fetch else None
+        except Exception:  # noqa: BLE001 -- a trainer that does not answer is reported as down
+            metrics.trainer = None
+
+    async def refresh_drafters() -> str | None:
+        """The registry's serving version and history; returns why not, when Redis cannot say."""
+        def read():
+            reg = drafters.get()
+            return {"serving": reg.serving(), "history": reg.history()}
+        try:
+            metrics.drafters = await asyncio.wait_for(asyncio.to_thread(read), SNAPSHOT_TIMEOUT_S)
+            return None
+        except Exception as e:  # noqa: BLE001 -- no Redis, or it is down: no registry series this time
+            metrics.drafters = None
+            return e.body["error"]["message"] if isinstance(e, APIError) else f"{type(e).__name__}: {e}"
+
+    async def refresh() -> str | None:
+        _, _, why = await asyncio.gather(refresh_replica(), refresh_trainer(), refresh_drafters())
+        return why
+
+    @app.get("/metrics")
+    async def prometheus():
+        await refresh()
         return PlainTextResponse(generate_latest(metrics.registry),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    add_admin_routes(app, cfg, registry)
+    async def snapshot() -> dict:
+        why = await refresh()
+        d = metrics.drafters or {"serving": None, "history": []}
+        replicas = [{k: rep.get(k) for k in ("replica_id", "drafter_version", "in_flight", "drafter_swaps")}
+                    | {"seen": metrics.seen.get(rep["replica_id"])} for rep in metrics.live_replicas()]
+        return {"serving": d["serving"], "events": d["history"], "replicas": replicas,
+                "errors": [f"drafter registry: {why}"] if why else []}
+
+    add_admin_routes(app, cfg, drafters, backend)
+    add_dashboard_routes(app, history, snapshot)
     return app
 
 
@@ -409,8 +618,9 @@ def _known(reg, version: str) -> dict:
         raise APIError(404, str(e), param="version", code="drafter_not_found", type="not_found_error") from None
 
 
-def add_admin_routes(app: FastAPI, cfg: OnspecConfig, registry=None) -> None:
-    handle = _Registry(cfg, registry)
+def add_admin_routes(app: FastAPI, cfg: OnspecConfig, registry=None, backend=None) -> None:
+    """``registry``: a DrafterRegistry, a _Registry (shared with the metrics), or None (built from the config)."""
+    handle = registry if isinstance(registry, _Registry) else _Registry(cfg, registry)
 
     async def call(fn):
         """fn(registry) on a worker thread (redis-py blocks). A refused operation is a 409, an unreachable Redis
@@ -432,6 +642,16 @@ def add_admin_routes(app: FastAPI, cfg: OnspecConfig, registry=None) -> None:
 
     async def body(request: Request, schema: type[BaseModel]) -> BaseModel:
         return validated(schema, await read_json(request, cfg.server.max_body_bytes, empty={}))
+
+    @app.get("/v1/admin/trainer")
+    async def trainer_state():
+        """The online trainer's state (steps, records, candidates, the last gate evaluation), if one runs."""
+        fetch = getattr(backend, "trainer", None)
+        state = await fetch() if fetch is not None else None
+        if state is None:
+            raise APIError(503, "no online trainer is running (trainer.enabled is false, or the stream is off)",
+                           type="server_error", code="trainer_unavailable")
+        return state
 
     @app.get("/v1/admin/drafters")
     async def list_drafters():

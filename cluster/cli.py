@@ -327,6 +327,27 @@ def cmd_bench_online(args) -> int:
     return 0
 
 
+def cmd_bench_sources(args) -> int:
+    from onspec.cluster.bench_sources import bench_sources
+    from onspec.cluster.prompts import read_prompts
+
+    read_prompts(args.phase)
+    if min(args.steps, args.eval_prompts, args.max_tokens, args.traffic_prompts) < 1:
+        raise CLIError("--steps, --eval-prompts, --max-tokens and --traffic-prompts must be at least 1")
+    log = (lambda m: print(m, file=sys.stderr, flush=True))
+    try:
+        report = bench_sources(_config(args), args.phase, args.steps, args.eval_prompts, args.max_tokens,
+                               args.traffic_prompts, log=log)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for name, r in report["results"].items():
+            print(f"{name:18s} greedy {r['greedy']:.4f}  sampled {r['sampled']:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onspec", description="online speculative decoding")
     sub = p.add_subparsers(dest="command", required=True)
@@ -402,6 +423,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "with the trainer paused vs running (0: skip)")
     bo.add_argument("--json", action="store_true")
     bo.set_defaults(func=cmd_bench_online)
+
+    bsrc = b.add_parser("sources", help="what each trainer data source adds: rejected positions only, whole "
+                                        "windows, windows + on-policy, same traffic and steps")
+    common(bsrc)
+    bsrc.add_argument("--phase", type=Path, required=True, help="a JSONL prompt file")
+    bsrc.add_argument("--steps", type=int, default=60)
+    bsrc.add_argument("--eval-prompts", type=int, default=4)
+    bsrc.add_argument("--traffic-prompts", type=int, default=16)
+    bsrc.add_argument("--max-tokens", type=int, default=64)
+    bsrc.add_argument("--json", action="store_true")
+    bsrc.set_defaults(func=cmd_bench_sources)
 
     sv = sub.add_parser("serve", help="the OpenAI-compatible endpoint on Ray Serve")
     common(sv)

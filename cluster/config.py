@@ -92,6 +92,8 @@ class RegistryConfig(_Strict):
     load_key_prefix: str = Field("onspec:load", description="replicas publish their in-flight requests here "
                                                              "(the trainer yields to serving by it)")
     load_ttl_s: float = Field(5.0, gt=0, description="a replica's load report expires after this long")
+    keep_rejected: int = Field(3, ge=0, description="rejected candidates whose files are kept (older ones are "
+                                                    "pruned; serving and retired versions are always kept)")
 
 
 class TrainerConfig(_Strict):
@@ -120,9 +122,10 @@ class TrainerConfig(_Strict):
     teacher_topk: int = Field(32, ge=1, description="target probabilities kept per position (the rest of the "
                                                     "mass is spread evenly over the drafter's vocabulary)")
     holdout_percent: int = Field(15, ge=1, le=50, description="records held back for the promotion gate")
-    holdout_size: int = Field(48, ge=1, description="most recent held-back windows evaluated")
+    holdout_size: int = Field(24, ge=1, description="most recent held-back windows evaluated (few: after a domain "
+                                                               "shift the gate must judge the new traffic soon)")
     min_holdout: int = Field(6, ge=1, description="no promotion before this many held-back windows")
-    promote_every_steps: int = Field(60, ge=1, description="training steps between candidates")
+    promote_every_steps: int = Field(20, ge=1, description="training steps between candidates")
     promote_margin: float = Field(0.01, ge=0, description="a candidate must beat the serving version's "
                                                           "held-back acceptance by this much")
     consumer_group: str = "onspec-trainer"

@@ -9,6 +9,7 @@ in reverse order; ``onspec serve`` and the tests use it.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -51,6 +52,19 @@ class HandleBackend:
 
     async def stats(self) -> dict:
         return await self.handle.stats.remote()
+
+    async def trainer(self) -> dict | None:
+        """The trainer actor's state, or None when there is none (it is started under a fixed name)."""
+        import ray
+
+        try:
+            actor = ray.get_actor("onspec-trainer")
+        except ValueError:
+            return None
+        try:
+            return await asyncio.wait_for(actor.state.remote(), 10.0)
+        except Exception:  # noqa: BLE001 -- a trainer that does not answer is as good as none here
+            return None
 
 
 class EngineDeployment:

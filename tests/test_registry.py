@@ -218,3 +218,20 @@ def test_unreachable_redis_raises_redis_errors(tmp_path):
     reg = DrafterRegistry.from_url(f"redis://127.0.0.1:{free_port()}/0", tmp_path, timeout_s=0.5)
     with pytest.raises(redis.ConnectionError):
         reg.serving()
+
+
+
+def test_prune_deletes_old_rejected_candidates_files_only(reg, target):
+    reg.ensure_registered(make_drafter(target))
+    versions = [reg.register(make_drafter(target, 0.01 * (i + 1)), parent="base")["version"] for i in range(5)]
+    for v in versions[:4]:
+        reg.record_evaluation(v, {"gate": 0.1}, rejected_reason="gate refused")
+    reg.promote(versions[4])
+    assert reg.prune(keep_rejected=2) == versions[:2]
+    for v in versions[:2]:
+        assert not (reg.root / v).exists() and reg.show(v)["pruned"]
+        with pytest.raises(RegistryError, match="pruned"):
+            reg.promote(v)
+    for v in versions[2:] + ["base"]:
+        assert (reg.root / v).is_dir() and not reg.show(v)["pruned"]
+    assert reg.prune(keep_rejected=2) == []
