@@ -336,8 +336,9 @@ def cmd_bench_sources(args) -> int:
         raise CLIError("--steps, --eval-prompts, --max-tokens and --traffic-prompts must be at least 1")
     log = (lambda m: print(m, file=sys.stderr, flush=True))
     try:
-        report = bench_sources(_config(args), args.phase, args.steps, args.eval_prompts, args.max_tokens,
-                               args.traffic_prompts, log=log)
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints to stdout; --json must stay parseable
+            report = bench_sources(_config(args), args.phase, args.steps, args.eval_prompts, args.max_tokens,
+                                   args.traffic_prompts, log=log)
     except ValueError as e:
         raise CLIError(str(e)) from None
     if args.json:
