@@ -71,3 +71,13 @@ def tiny_drafter(target, bump: float = 0.0):
     with torch.no_grad():
         drafter.head.weight.add_(bump)
     return drafter
+
+
+@pytest.fixture(scope="module")
+def module_redis_server(tmp_path_factory):
+    """One private real redis-server for a whole test module (tests flush what they need)."""
+    from onspec.cluster.redis_server import RedisServer
+
+    srv = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield srv
+    srv.stop()

@@ -15,7 +15,7 @@ from onspec.actors.registry import DrafterRegistry
 from onspec.cluster.api import MAX_METRIC_VERSIONS, Metrics, create_app
 from onspec.cluster.config import OnspecConfig
 from onspec.cluster.dashboard import STATIC, History
-from onspec.cluster.redis_server import RedisServer, free_port
+from onspec.cluster.redis_server import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -90,10 +90,8 @@ def complete(client, label=None, stream=False):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield srv
-    srv.stop()
+def server(module_redis_server):
+    return module_redis_server
 
 
 @pytest.fixture()

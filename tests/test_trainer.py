@@ -13,17 +13,14 @@ from onspec.actors.registry import DrafterRegistry
 from onspec.actors.stream_logger import encode_record
 from onspec.actors.trainer import OnlineTrainer, StreamReader, Window, window_from_record
 from onspec.cluster.config import OnspecConfig
-from onspec.cluster.redis_server import RedisServer
 from tests.conftest import tiny_target
 
 KEY, GROUP = "test:rejections", "trainers"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield srv
-    srv.stop()
+def server(module_redis_server):
+    return module_redis_server
 
 
 @pytest.fixture()
