@@ -31,4 +31,7 @@ USER 10001:10001
 WORKDIR /tmp
 EXPOSE 8000 8265 6379 10001 8080
 ENTRYPOINT ["/usr/bin/tini", "--"]
-CMD ["onspec", "serve", "--host", "0.0.0.0"]
+# Listening beyond localhost needs keys (docs/security.md): mount them as a secret file, e.g.
+#   docker run -v $PWD/api-keys:/run/secrets/onspec-api-keys:ro -p 8000:8000 onspec
+# (the Helm chart does not use this command: KubeRay starts Ray and deploys the app itself).
+CMD ["onspec", "serve", "--host", "0.0.0.0", "--api-key-file", "/run/secrets/onspec-api-keys"]

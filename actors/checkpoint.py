@@ -19,6 +19,13 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, malformed, tampered with or made for another target."""
 
 
+def drafter_kinds() -> dict:
+    """Drafter class by the ``kind`` a manifest's config records (both take the same constructor arguments)."""
+    from onspec.actors.feature_drafter import FeatureDrafter
+
+    return {Drafter.kind: Drafter, FeatureDrafter.kind: FeatureDrafter}
+
+
 def save_checkpoint(drafter: Drafter, folder: Path | str, version: str, parent: str | None = None,
                     extra: dict | None = None) -> dict:
     from safetensors.torch import save_file
@@ -51,7 +58,8 @@ def read_manifest(folder: Path | str) -> dict:
 
 
 def load_checkpoint(folder: Path | str, target) -> tuple[Drafter, dict]:
-    """Verify the weights' sha256 against the manifest, then build the drafter over the target's embedding."""
+    """Verify the weights' sha256 against the manifest, then build the drafter of the recorded kind ("truncated":
+    Drafter, "feature": FeatureDrafter) over the target's embedding."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -64,12 +72,14 @@ def load_checkpoint(folder: Path | str, target) -> tuple[Drafter, dict]:
         raise CheckpointError(f"checkpoint {folder}: sha256 of {WEIGHTS} is {digest[:12]}..., manifest says "
                               f"{manifest['sha256'][:12]}...; refusing to load tampered or truncated weights")
     spec = manifest["config"]
-    if spec.get("kind") != Drafter.kind:
+    kinds = drafter_kinds()
+    if spec.get("kind") not in kinds:
         raise CheckpointError(f"checkpoint {folder}: unknown drafter kind {spec.get('kind')!r}")
     if spec.get("full_vocab") != target.config.vocab_size or spec.get("hidden_size") != target.config.hidden_size:
         raise CheckpointError(f"checkpoint {folder} was made for another target (vocab/hidden size differ)")
     state = load_file(weights)
-    drafter = Drafter(target.config, int(spec["layers"]), state["kept_ids"], target.get_input_embeddings())
+    drafter = kinds[spec["kind"]](target.config, int(spec["layers"]), state["kept_ids"],
+                                  target.get_input_embeddings())
     missing, unexpected = drafter.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("body.embed_tokens")]
     if missing or unexpected:

@@ -5,9 +5,16 @@ through the target. Every round drafts k >= 0 tokens after it, runs the target o
 keeps the accepted prefix and one more token from the target, and crops both caches back to what is still valid.
 With k = 0 a round is exactly one step of plain target decoding, which is also how ``speculate=False`` runs:
 the same code path, the drafter never called.
+
+Drafts come from one of two sources per round (``spec.source``): the drafter model, or text seen before
+(SuffixDecoding: the request's own prompt and output, and an index of earlier requests, actors/suffix_index.py).
+A suffix draft costs no forward at all; hybrid mode takes it when its expected accepted tokens per second of
+verification beat what the drafter model (or plain decoding) is expected to give. Suffix drafts are
+deterministic, so under sampling their proposal distribution q is one-hot and the rejection rule stays exact.
 """
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -15,11 +22,14 @@ from typing import Callable, Iterator
 import torch
 from transformers import DynamicCache
 
-from onspec.cluster.config import OnspecConfig, SpeculationConfig
+from onspec.actors.suffix_index import SuffixDraft, SuffixIndex
+from onspec.cluster.config import OnspecConfig, SpeculationConfig, SuffixConfig
 from onspec.kernels.draft_length import (AdaEDLState, adaedl_should_stop, adaedl_update, best_draft_length)
 from onspec.kernels.sampling import entropy, is_greedy, logits_to_probs
 from onspec.kernels.verify import greedy_verify, rejection_verify
 from onspec.kernels.vocab_trim import to_full_logits
+
+SOURCES = ("model", "suffix", "none")
 
 
 class RequestError(ValueError):
@@ -55,6 +65,8 @@ class GenerationStats:
     elapsed_s: float = 0.0
     drafter_version: str | None = None
     finish_reason: str | None = None
+    # Per draft source: [rounds, drafted, accepted] ("none": rounds that drafted nothing).
+    sources: dict = field(default_factory=lambda: {s: [0, 0, 0] for s in SOURCES})
 
     @property
     def acceptance_rate(self) -> float:
@@ -73,7 +85,10 @@ class GenerationStats:
                 "accepted": self.accepted, "tokens_per_step": round(self.tokens_per_step, 4),
                 "tokens_per_s": round(self.tokens_per_s, 3), "drafter_version": self.drafter_version,
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "finish_reason": self.finish_reason}
+                "finish_reason": self.finish_reason, "draft_sources": self.source_dict()}
+
+    def source_dict(self) -> dict:
+        return {s: {"rounds": r, "drafted": d, "accepted": a} for s, (r, d, a) in self.sources.items()}
 
 
 @dataclass
@@ -93,6 +108,7 @@ class RoundRecord:
     topk_logprobs: list[float]
     drafter_version: str | None
     temperature: float = 0.0  # the request's: tells the trainer which divergence suits this traffic
+    source: str = "model"     # who drafted: "model", "suffix", or "none" (a coverage record of plain decoding)
 
 
 @dataclass
@@ -168,15 +184,44 @@ class _Sequence:
     dcache: DynamicCache = field(default_factory=DynamicCache)
     dlen: int = 0  # positions in the drafter's cache
     unrecorded: int = 0  # tokens generated since the last RoundRecord
+    suffix: SuffixIndex | None = None  # the request's own prompt and output (SuffixDecoding's per-request tree)
+    indexed: int = 0  # tokens of ``tokens`` already in ``suffix``
+    # The target's last hidden state (post-norm, what its lm_head reads) at every position but the pending one:
+    # a feature drafter (EAGLE) reads it. Rows [0, nfeat) are filled; the verification forwards compute them.
+    feats: torch.Tensor | None = None
+    nfeat: int = 0
+
+
+def _interpolate(costs: dict[int, float], longest: int) -> list[float]:
+    """Costs for every size 1..longest from the measured sizes (piecewise linear)."""
+    known = sorted(costs)
+    out = []
+    for n in range(1, longest + 1):
+        if n in costs:
+            out.append(costs[n])
+            continue
+        lo = max(k for k in known if k < n)
+        hi = min(k for k in known if k > n)
+        out.append(costs[lo] + (costs[hi] - costs[lo]) * (n - lo) / (hi - lo))
+    return out
 
 
 class SpeculativeEngine:
     def __init__(self, target, tokenizer, drafter, spec: SpeculationConfig, max_context: int,
-                 stop_ids: set[int] | None = None):
+                 stop_ids: set[int] | None = None, suffix: SuffixConfig | None = None):
         self.target, self.tokenizer, self.drafter = target, tokenizer, drafter
         self.spec = spec
+        self.suffix_cfg = suffix or SuffixConfig()
+        # Earlier requests' prompts and outputs. Only the decoding thread touches it: other threads (the replica's
+        # share reader) put sequences in the inbox, which the decoding thread drains before it proposes.
+        self.suffix_index = SuffixIndex(self.suffix_cfg.index_tokens, self.suffix_cfg.max_depth)
+        self.suffix_inbox: collections.deque[list[int]] = collections.deque(maxlen=1024)
+        self.suffix_trust = 1.0  # observed / predicted accepted suffix tokens (EMA): the index's counts overrate
+        # Called with prompt + output of every finished request (the replica shares them); must not block.
+        self.sequence_observer: Callable[[list[int]], None] | None = None
         self.max_context = min(max_context, int(getattr(target.config, "max_position_embeddings", max_context)))
         self.vocab_size = target.config.vocab_size
+        self.hidden_size = target.config.hidden_size
         self.device = next(target.parameters()).device
         if stop_ids is None:
             from onspec.actors.models import stop_token_ids
@@ -199,15 +244,15 @@ class SpeculativeEngine:
     @classmethod
     def from_config(cls, cfg: OnspecConfig) -> "SpeculativeEngine":
         from onspec.actors.checkpoint import load_checkpoint
-        from onspec.actors.models import derive_drafter, load_target, stop_token_ids
+        from onspec.actors.models import load_target, make_drafter, stop_token_ids
 
         target, tok = load_target(cfg.model, cfg.data_dir)
         stops = stop_token_ids(target, tok)
         if cfg.drafter.checkpoint:
             drafter, _ = load_checkpoint(cfg.drafter.checkpoint, target)
         else:
-            drafter = derive_drafter(target, cfg.drafter.layers, cfg.drafter.vocab_keep, always_keep=tuple(stops))
-        return cls(target, tok, drafter, cfg.speculation, cfg.model.max_context, stops)
+            drafter = make_drafter(target, cfg.drafter, always_keep=tuple(stops))
+        return cls(target, tok, drafter, cfg.speculation, cfg.model.max_context, stops, cfg.suffix)
 
     # ---- prompts -------------------------------------------------------------------------------------------
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
@@ -259,11 +304,16 @@ class SpeculativeEngine:
         Only the ratios between these costs matter to the draft-length choice, and a busy machine slows all of
         them alike, so sizes are interleaved within each repetition and the minimum is kept: a burst of
         contention cannot make one size look dear and then never be tried (and re-measured) again."""
-        ctx = torch.arange(1, 33, device=self.device).unsqueeze(0)
+        longest = self.spec.max_draft + 1
+        sizes = list(range(1, longest + 1))
+        if self.spec.source != "model" and self.suffix_cfg.max_draft + 1 > longest:
+            # Suffix drafts run longer: two more sizes, the rest interpolated (verification cost is near linear).
+            longest = self.suffix_cfg.max_draft + 1
+            sizes += sorted({(sizes[-1] + longest) // 2, longest} - set(sizes))
+        ctx = torch.arange(1, longest + 33, device=self.device).unsqueeze(0)
         cache, dcache = DynamicCache(), DynamicCache()
-        self.target(input_ids=ctx, cache=cache, use_cache=True)
-        self.drafter(ctx, dcache)
-        sizes = range(1, self.spec.max_draft + 2)
+        self.target(input_ids=ctx[:, :32], cache=cache, use_cache=True)
+        self._drafter_forward(ctx[:, :32], dcache, torch.zeros(1, 32, self.hidden_size, device=self.device))
         best = {n: float("inf") for n in sizes}
         best_draft = float("inf")
         for _ in range(reps):
@@ -273,10 +323,11 @@ class SpeculativeEngine:
                 best[n] = min(best[n], time.perf_counter() - t)
                 rollback(cache, 32)
             t = time.perf_counter()
-            self.drafter(ctx[:, :1], dcache).argmax(-1).tolist()
+            self._drafter_forward(ctx[:, :1], dcache, torch.zeros(1, 1, self.hidden_size, device=self.device))[0] \
+                .argmax(-1).tolist()
             best_draft = min(best_draft, time.perf_counter() - t)
             rollback(dcache, 32)
-        self.controller.verify_cost = [best[n] for n in sizes]
+        self.controller.verify_cost = _interpolate(best, longest)
         self.controller.draft_cost = best_draft
         self.calibrated = True
 
@@ -308,12 +359,15 @@ class SpeculativeEngine:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed if params.seed is not None else int(torch.seed() % (2**63)))
         seq = _Sequence(tokens=list(prompt_ids), prompt_len=len(prompt_ids), params=params, generator=gen)
+        if speculate and self.spec.source != "model":
+            seq.suffix = SuffixIndex(self.max_context, self.suffix_cfg.max_depth)
         self._seq = seq
         budget = min(params.max_tokens, self.max_context - len(prompt_ids))
 
         try:
             new = [self._prefill(seq)]
             stats.target_forwards += 1
+            stats.sources["none"][0] += 1
             while True:
                 new, done = self._finish(seq, new, budget, stats)
                 stats.completion_tokens += len(new)
@@ -325,6 +379,60 @@ class SpeculativeEngine:
                 new = self._round(seq, speculate, budget, stats)
         finally:
             self._seq = None
+            if speculate:  # target-only runs (benchmark baselines) must not teach the index their answers
+                self._remember(seq.tokens[:seq.prompt_len + stats.completion_tokens])
+
+    def _remember(self, tokens: list[int]) -> None:
+        """A finished request's prompt and output go into the suffix index (and to whoever shares it)."""
+        if len(tokens) < 3:
+            return
+        if self.spec.source != "model":
+            self.suffix_index.add(tokens)
+        if self.sequence_observer is not None:
+            self.sequence_observer(tokens)
+
+    def _suffix_draft(self, seq: _Sequence, cap: int) -> SuffixDraft | None:
+        """The better of the two indexes' proposals for the sequence's continuation (the paper's rule)."""
+        while self.suffix_inbox:
+            self.suffix_index.add(self.suffix_inbox.popleft())
+        if len(seq.tokens) > seq.indexed:
+            seq.suffix.append(seq.tokens[seq.indexed:])
+            seq.indexed = len(seq.tokens)
+        c = self.suffix_cfg
+        cap = min(cap, c.max_draft)
+        best = None
+        for index in (seq.suffix, self.suffix_index):
+            d = index.propose(seq.tokens, cap, c.alpha, c.min_prob)
+            if d is not None and (best is None or d.score > best.score):
+                best = d
+        return best
+
+    def _verify_cost(self, n: int) -> float:
+        costs = self.controller.verify_cost
+        return costs[n - 1] if n <= len(costs) else costs[-1] * n / len(costs)
+
+    def _suffix_pays(self, d: SuffixDraft) -> bool:
+        """Hybrid rule: expected tokens per second of this suffix draft vs the best the drafter model (or plain
+        decoding) is expected to give, both from the costs measured by ``calibrate`` (Leviathan et al. eq. 1
+        for the model; the index's own score, scaled by how well it has predicted so far, for the suffix)."""
+        ctl = self.controller
+        suffix_rate = (1.0 + self.suffix_trust * d.score) / self._verify_cost(len(d.tokens) + 1)
+        _, speedup = best_draft_length(ctl.alpha, ctl.draft_cost, ctl.verify_cost, self.spec.max_draft)
+        return suffix_rate > speedup / ctl.verify_cost[0]
+
+    def _plan(self, seq: _Sequence, speculate: bool, room: int) -> tuple[str, int, SuffixDraft | None]:
+        """This round's source and, for the model, its draft cap."""
+        if not speculate or room <= 0:
+            return "none", 0, None
+        source = self.spec.source
+        if source != "model":
+            d = self._suffix_draft(seq, room)
+            if d is not None and (source == "suffix" or self._suffix_pays(d)):
+                return "suffix", len(d.tokens), d
+            if source == "suffix":
+                return "none", 0, None
+        cap = min(self.controller.draft_cap(), room)
+        return ("model" if cap > 0 else "none"), cap, None
 
     def _finish(self, seq: _Sequence, new: list[int], budget: int, stats: GenerationStats):
         """Cut ``new`` at the first stop token or the token budget; tokens are already in seq.tokens."""
@@ -345,9 +453,26 @@ class SpeculativeEngine:
         probs = logits_to_probs(logits, p.temperature, p.top_k, p.top_p)
         return torch.multinomial(probs, 1, generator=seq.generator)[0]
 
+    def _target_forward(self, seq: _Sequence, x: torch.Tensor, last_only: bool = False) -> tuple[torch.Tensor,
+                                                                                                    torch.Tensor]:
+        """One target forward over ``x`` [1, n] with the sequence's cache: (logits [n or 1, V], hidden [n, H]).
+        The same work as calling the model (its body, then the head), keeping the hidden states a feature
+        drafter reads: no extra target pass."""
+        hidden = self.target.model(input_ids=x, cache=seq.tcache, use_cache=True).last_hidden_state[0]
+        logits = self.target.lm_head(hidden[-1:] if last_only else hidden)
+        return logits, hidden
+
+    def _keep_features(self, seq: _Sequence, hidden: torch.Tensor) -> None:
+        if seq.feats is None:
+            seq.feats = torch.empty(self.max_context, self.hidden_size, device=self.device, dtype=hidden.dtype)
+        seq.feats[seq.nfeat:seq.nfeat + hidden.shape[0]] = hidden
+        seq.nfeat += hidden.shape[0]
+
     def _prefill(self, seq: _Sequence) -> int:
         x = torch.tensor([seq.tokens], device=self.device)
-        logits = self.target(input_ids=x, cache=seq.tcache, use_cache=True, logits_to_keep=1).logits[0, -1]
+        logits, hidden = self._target_forward(seq, x, last_only=True)
+        self._keep_features(seq, hidden)
+        logits = logits[-1]
         tok = int(self._next_token(logits, seq))
         seq.tokens.append(tok)
         return tok
@@ -360,11 +485,22 @@ class SpeculativeEngine:
         kept = self.drafter.kept_ids
         threshold = self.controller.entropy_threshold
         x = torch.tensor([seq.tokens[seq.dlen:]], device=self.device)
+        feats = None
+        if getattr(self.drafter, "kind", None) == "feature":
+            # Position i pairs token i with the target's feature at i - 1 (zeros before the first token).
+            lo = seq.dlen
+            prev = seq.feats[max(lo - 1, 0):seq.nfeat]
+            if lo == 0:
+                prev = torch.cat([torch.zeros_like(prev[:1]), prev])
+            feats = prev.unsqueeze(0)
         drafts: list[int] = []
         qs: list[torch.Tensor] = []
         for _ in range(cap):
-            logits = self.drafter(x, seq.dcache)[0, -1].float()
+            logits, hidden = self._drafter_forward(x, seq.dcache, feats)
+            logits = logits[0, -1].float()
             seq.dlen += x.shape[1]
+            if hidden is not None:  # drafting ahead feeds the drafter's own predicted feature back in
+                feats = hidden[:, -1:]
             if greedy:
                 q = torch.softmax(logits, -1)
                 tok_dev = kept[q.argmax()]
@@ -380,13 +516,20 @@ class SpeculativeEngine:
             x = torch.tensor([[int(tok)]], device=self.device)
         return drafts, (torch.stack(qs) if qs else None)
 
+    def _drafter_forward(self, x: torch.Tensor, cache, feats: torch.Tensor | None):
+        """Either drafter kind behind one call: (kept-vocabulary logits, predicted features or None)."""
+        if getattr(self.drafter, "kind", None) == "feature":
+            return self.drafter(x, feats, cache)
+        return self.drafter(x, cache), None
+
     def _observe(self, seq: _Sequence, old_len: int, drafts: list[int], n: int, nxt: int,
-                 row: torch.Tensor) -> None:
+                 row: torch.Tensor, source: str = "model") -> None:
         top = torch.log_softmax(row.float(), -1).topk(self.record_topk)
         self.round_observer(RoundRecord(
             context=seq.tokens[max(0, old_len - self.record_context):old_len], drafts=drafts, accepted=n,
             target_token=nxt, topk_ids=top.indices.tolist(), topk_logprobs=top.values.tolist(),
-            drafter_version=getattr(self.drafter, "version", None), temperature=float(seq.params.temperature)))
+            drafter_version=getattr(self.drafter, "version", None), temperature=float(seq.params.temperature),
+            source=source))
 
     def _round(self, seq: _Sequence, speculate: bool, budget: int, stats: GenerationStats) -> list[int]:
         if self._next_drafter is not None:
@@ -395,11 +538,20 @@ class SpeculativeEngine:
             stats.drafter_version = getattr(self.drafter, "version", None)
         old_len = len(seq.tokens)  # the pending token sits at old_len - 1
         room = min(self.max_context - old_len - 1, budget - (old_len - seq.prompt_len))
-        cap = min(self.controller.draft_cap(), max(room, 0)) if speculate else 0
-        drafts, q = self._draft(seq, cap) if cap > 0 else ([], None)
+        source, cap, sd = self._plan(seq, speculate, room)
+        if source == "suffix":
+            drafts, q = sd.tokens, None
+            if not is_greedy(seq.params.temperature):  # a deterministic proposal: q is one-hot
+                q = torch.zeros(len(drafts), self.vocab_size, device=self.device)
+                q[torch.arange(len(drafts)), torch.tensor(drafts)] = 1.0
+        else:
+            drafts, q = self._draft(seq, cap) if cap > 0 else ([], None)
         k = len(drafts)
+        if k == 0:
+            source = "none"
         x = torch.tensor([[seq.tokens[-1]] + drafts], device=self.device)
-        logits = self.target(input_ids=x, cache=seq.tcache, use_cache=True).logits[0].float()
+        logits, hidden = self._target_forward(seq, x)
+        logits = logits.float()
         d = torch.tensor(drafts, device=self.device, dtype=torch.long)
         if is_greedy(seq.params.temperature):
             n, nxt = greedy_verify(d, logits)
@@ -409,7 +561,10 @@ class SpeculativeEngine:
         n, nxt = torch.stack([n, nxt]).tolist()
 
         rollback(seq.tcache, old_len + n)
-        seq.dlen = min(seq.dlen, old_len + n)
+        self._keep_features(seq, hidden[:n + 1])
+        # A feature drafter's cache past the pending token was built on its own predicted features: it re-reads
+        # those positions with the target's real ones next round.
+        seq.dlen = min(seq.dlen, old_len if getattr(self.drafter, "kind", None) == "feature" else old_len + n)
         rollback(seq.dcache, seq.dlen)
         new = drafts[:n] + [nxt]
         seq.tokens.extend(new)
@@ -418,10 +573,17 @@ class SpeculativeEngine:
             seq.unrecorded += len(new)
             if n < k or (self.record_coverage and seq.unrecorded >= self.record_coverage):
                 seq.unrecorded = 0
-                self._observe(seq, old_len, drafts, n, nxt, logits[n])
+                self._observe(seq, old_len, drafts, n, nxt, logits[n], source)
         stats.target_forwards += 1
         stats.drafted += k
         stats.accepted += n
-        if speculate:
+        tally = stats.sources[source]
+        tally[0] += 1
+        tally[1] += k
+        tally[2] += n
+        if source == "model":
             self.controller.observe(k, n, cap)
+        elif source == "suffix":
+            ema = self.spec.acceptance_ema
+            self.suffix_trust = min(1.0, max(0.05, ema * self.suffix_trust + (1 - ema) * n / sd.score))
         return new

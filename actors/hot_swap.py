@@ -34,6 +34,7 @@ class DrafterWatcher:
         self.load_key = f"{load_key_prefix}:{replica_id}"
         self.load_ttl_ms = int(load_ttl_s * 1000)
         self.failed: dict[str, str] = {}  # version -> why it could not be loaded (not retried)
+        self.refused = 0  # versions refused (tampered, truncated, missing files): the old drafter kept serving
         self.loaded = 0
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -62,7 +63,8 @@ class DrafterWatcher:
             drafter = self.registry.load(version, self.engine.target)
         except RegistryError as e:
             self.failed[version] = str(e)
-            log.error("cannot serve drafter %s: %s", version, e)
+            self.refused += 1
+            log.error("cannot serve drafter %s, keeping %s: %s", version, self.current(), e)
             return None
         self.engine.swap_drafter(drafter)
         if self.apply is not None:

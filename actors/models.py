@@ -170,3 +170,14 @@ def derive_drafter(target, layers: int, vocab_keep: int, counts: torch.Tensor | 
     drafter.version = "base"
     param = next(target.parameters())
     return drafter.to(device=param.device, dtype=param.dtype).eval()
+
+
+def make_drafter(target, cfg, always_keep: tuple[int, ...] = (), counts: torch.Tensor | None = None):
+    """The derived (untrained) drafter of the configured kind; ``cfg`` is a DrafterConfig. "truncated": the
+    target's first ``cfg.layers`` layers (derive_drafter); "feature": ``cfg.feature_layers`` layers over the
+    target's last hidden state (actors/feature_drafter.py)."""
+    if getattr(cfg, "kind", "truncated") == "feature":
+        from onspec.actors.feature_drafter import derive_feature_drafter
+
+        return derive_feature_drafter(target, cfg.feature_layers, cfg.vocab_keep, counts, tuple(always_keep))
+    return derive_drafter(target, cfg.layers, cfg.vocab_keep, counts, tuple(always_keep))

@@ -66,24 +66,36 @@ def count_generated_tokens(corpus: list[dict], vocab_size: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def teacher_targets(target, kept_ids: torch.Tensor, ids: list[int], topk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_targets(target, kept_ids: torch.Tensor, ids: list[int], topk: int = 32, features: bool = False):
     """The target's distribution at every position, restricted to the drafter's kept vocabulary and
-    renormalised there (q is zero elsewhere), kept sparse as its top-k: (indices into kept, probs), [T, k]."""
-    logits = target(input_ids=torch.tensor([ids])).logits[0].float()
+    renormalised there (q is zero elsewhere), kept sparse as its top-k: (indices into kept, probs), [T, k].
+    ``features``: also the target's last hidden states [T, H] (float16), from the same forward, for a feature
+    drafter: (indices, probs, hidden)."""
+    if not features:
+        logits = target(input_ids=torch.tensor([ids])).logits[0].float()
+    else:
+        hidden = target.model(input_ids=torch.tensor([ids])).last_hidden_state
+        logits = target.lm_head(hidden)[0].float()
     p = torch.softmax(logits[:, kept_ids], dim=-1)
     top = torch.topk(p, topk, dim=-1)
+    if features:
+        return top.indices, top.values, hidden[0].to(torch.float16)
     return top.indices, top.values
 
 
 def distill(drafter, target, corpus: list[dict], minutes: float, lr: float = 3e-4, batch_size: int = 4,
-            seed: int = 0, log=print) -> dict:
-    """Train the drafter's own parameters (not the shared embedding) with forward KL to the target."""
+            seed: int = 0, log=print, feature_loss_weight: float = 0.1) -> dict:
+    """Train the drafter's own parameters (not the shared embedding) with forward KL to the target. A feature
+    drafter (EAGLE) is teacher-forced on the target's hidden states, with their smooth-L1 regression added
+    (weight ``feature_loss_weight``); its first position (no predecessor's feature) is left out."""
+    from onspec.actors.feature_drafter import shift_features
+
+    feature = getattr(drafter, "kind", "truncated") == "feature"
     rng = random.Random(seed)
     t_start = time.time()
     data = []
     for seq in corpus:
-        idx, prob = teacher_targets(target, drafter.kept_ids, seq["ids"])
-        data.append((seq["ids"], idx, prob))
+        data.append((seq["ids"], *teacher_targets(target, drafter.kept_ids, seq["ids"], features=feature)))
     log(f"teacher targets for {len(data)} sequences in {time.time() - t_start:.0f}s")
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -100,12 +112,23 @@ def distill(drafter, target, corpus: list[dict], minutes: float, lr: float = 3e-
             mask = torch.zeros(len(batch), width, dtype=torch.bool)
             t_idx = torch.zeros(len(batch), width, batch[0][1].shape[1], dtype=torch.long)
             t_prob = torch.zeros(len(batch), width, batch[0][1].shape[1])
-            for r, (ids, idx, prob) in enumerate(batch):
+            h = torch.zeros(len(batch), width, batch[0][-1].shape[-1]) if feature else None
+            for r, (ids, idx, prob, *hid) in enumerate(batch):
                 n = len(ids)
                 x[r, :n], mask[r, :n] = torch.tensor(ids), True
                 t_idx[r, :n], t_prob[r, :n] = idx, prob
-            logits = drafter(x)  # right padding: causal attention keeps real positions unaffected
-            loss = sparse_forward_kl(logits[mask], t_idx[mask], t_prob[mask])
+                if feature:
+                    h[r, :n] = hid[0].float()
+            # right padding: causal attention keeps real positions unaffected
+            if feature:
+                h = h.to(next(drafter.parameters()).dtype)
+                logits, predicted = drafter(x, shift_features(h))
+                mask[:, 0] = False
+                loss = sparse_forward_kl(logits[mask], t_idx[mask], t_prob[mask]) + feature_loss_weight * \
+                    torch.nn.functional.smooth_l1_loss(predicted[mask].float(), h[mask].float())
+            else:
+                logits = drafter(x)
+                loss = sparse_forward_kl(logits[mask], t_idx[mask], t_prob[mask])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -35,7 +35,9 @@ def usage_of(stats: GenerationStats) -> dict:
             "total_tokens": stats.prompt_tokens + stats.completion_tokens,
             "acceptance_rate": round(stats.acceptance_rate, 4), "drafted_tokens": stats.drafted,
             "accepted_tokens": stats.accepted, "tokens_per_step": round(stats.tokens_per_step, 4),
-            "drafter_version": stats.drafter_version}
+            "drafter_version": stats.drafter_version,
+            # onspec extension: who drafted what (the drafter model, text seen before, or nothing)
+            "draft_sources": stats.source_dict()}
 
 
 class Replica:
@@ -55,12 +57,18 @@ class Replica:
         self.cancelled = 0  # requests whose caller went away mid-generation
         self.in_flight = 0  # requests running or waiting here (what the trainer yields to)
         self.watcher = None  # actors/hot_swap.DrafterWatcher, when a registry is configured
+        self.sharer = None   # actors/suffix_share.SuffixSharer, when Redis is configured
         self.generate_s = 0.0  # time spent generating, and the part of it spent handing records to the logger
         self.observer_s = 0.0
 
     # ---- rejection records ----------------------------------------------------------------------------------
     def set_stream_enabled(self, enabled: bool) -> None:
         self.engine.round_observer = self._on_round if (enabled and self.logger is not None) else None
+
+    def share_suffixes(self, sharer) -> None:
+        """Publish finished requests to the other replicas' suffix indexes and index theirs."""
+        self.sharer = sharer
+        self.engine.sequence_observer = sharer.publish
 
     def _on_round(self, rec) -> None:
         # On the decode path: only a buffer append; encoding and the write happen on the logger's thread.
@@ -81,6 +89,10 @@ class Replica:
             ids = self.engine.encode(req.get("prompt"), req.get("messages"))
         except Exception as e:  # a chat template that rejects the conversation (e.g. bad role order)
             return error_event(f"cannot apply the chat template: {e}", param=param)
+        limit = self.cfg.server.max_prompt_tokens  # a request limit of this server: 413, not the model's 400
+        if limit and len(ids) > limit:
+            return error_event(f"the prompt has {len(ids)} tokens, over this server's limit of {limit} "
+                               "(server.max_prompt_tokens)", param=param, code="prompt_too_long", status=413)
         try:
             self.engine.check_prompt(ids)
         except RequestError as e:
@@ -143,9 +155,12 @@ class Replica:
         return {"replica_id": self.replica_id, "cancelled": self.cancelled, "in_flight": self.in_flight,
                 "drafter_version": getattr(self.engine.drafter, "version", None),
                 "drafter_swaps": self.engine.swaps,
+                "drafter_refused": self.watcher.refused if self.watcher is not None else 0,
                 "generate_s": round(self.generate_s, 6), "observer_s": round(self.observer_s, 6),
                 "stream_enabled": self.engine.round_observer is not None,
-                "logger": self.logger.stats() if self.logger is not None else None}
+                "logger": self.logger.stats() if self.logger is not None else None,
+                "suffix_index": self.engine.suffix_index.stats(),
+                "suffix_share": self.sharer.stats() if self.sharer is not None else None}
 
     def ready(self) -> dict:
         if self.logger is None:
@@ -196,6 +211,8 @@ class Replica:
     def close(self) -> None:
         if self.watcher is not None:
             self.watcher.stop()
+        if self.sharer is not None:
+            self.sharer.close()
         if self.logger is not None:
             self.logger.close()
         self._pool.shutdown(wait=False)

@@ -48,6 +48,7 @@ def encode_record(rec, label: str, ts: float, request_id: str = "") -> dict[str,
         "topk_ids": _u32(rec.topk_ids),
         "topk_logprobs": _f32(rec.topk_logprobs),
         "temperature": repr(float(getattr(rec, "temperature", 0.0))),
+        "source": getattr(rec, "source", "model"),
     }
 
 
@@ -72,6 +73,7 @@ def decode_record(fields: dict) -> dict[str, Any]:
         "topk_logprobs": list(struct.unpack(f"<{len(lp) // 4}f", lp)),
         # Added within schema 1 as an optional field: records written before it count as greedy.
         "temperature": float(text("temperature")) if "temperature" in f else 0.0,
+        "source": text("source") if "source" in f else "model",
     }
 
 

@@ -29,6 +29,7 @@ import math
 import os
 import random
 import socket
+import struct
 import threading
 import time
 import zlib
@@ -38,6 +39,7 @@ import redis
 import torch
 
 from onspec.actors.hot_swap import serving_load
+from onspec.actors.feature_drafter import drafter_logits, shift_features
 from onspec.actors.models import Drafter
 from onspec.actors.registry import DrafterRegistry, RegistryError
 from onspec.actors.stream_logger import SCHEMA_VERSION, decode_record
@@ -72,6 +74,48 @@ class Teacher:
     probs: torch.Tensor      # [T, K]
     kept_mass: torch.Tensor  # [T]
     argmax: torch.Tensor     # [T] full-vocabulary ids
+    # [T, H] the target's post-norm last hidden state at each position, for feature drafters (EAGLE) only;
+    # 16-bit (float16, or the target's own 16-bit dtype) to bound the replay buffer's memory.
+    features: torch.Tensor | None = None
+
+
+class MalformedRecord(ValueError):
+    """A stream entry the trainer cannot use: a field missing, undecodable or out of range."""
+
+
+def parse_record(fields: dict, vocab_size: int, max_len: int) -> dict | None:
+    """``decode_record`` plus the checks that keep a bad entry from reaching a training step: None for a schema
+    version this trainer does not know (skip it), MalformedRecord for a broken entry (non-integer numbers,
+    packed arrays cut short, token ids outside the vocabulary, a window longer than the model takes, ...)."""
+    raw = fields.get(b"schema_version", fields.get("schema_version"))
+    try:
+        version = int(raw)
+    except (TypeError, ValueError):
+        raise MalformedRecord(f"schema_version is {raw!r}, not an integer") from None
+    if version != SCHEMA_VERSION:
+        return None
+    try:
+        rec = decode_record(fields)
+    except KeyError as e:
+        raise MalformedRecord(f"missing field {e}") from None
+    except (ValueError, TypeError, UnicodeDecodeError, struct.error) as e:
+        raise MalformedRecord(f"undecodable field: {type(e).__name__}: {e}") from None
+    for key in ("context", "drafts", "topk_ids", "topk_logprobs"):
+        b = fields.get(key.encode(), fields.get(key))
+        if len(b) % 4:
+            raise MalformedRecord(f"{key} is {len(b)} bytes, not a whole number of 4-byte values (truncated)")
+    ctx, drafts, n, tgt = rec["context"], rec["drafts"], rec["rejected_pos"], rec["target_token"]
+    if not ctx:
+        raise MalformedRecord("empty context")
+    if not 0 <= n <= len(drafts):
+        raise MalformedRecord(f"rejected_pos {n} outside 0..{len(drafts)}")
+    if len(ctx) + n + 1 > max_len:
+        raise MalformedRecord(f"window of {len(ctx) + n + 1} tokens exceeds the model's {max_len}")
+    if not 0 <= tgt < vocab_size or max(ctx + drafts[:n]) >= vocab_size:
+        raise MalformedRecord(f"token id outside the vocabulary (size {vocab_size})")
+    if not math.isfinite(rec["temperature"]) or rec["temperature"] < 0:
+        raise MalformedRecord(f"temperature {rec['temperature']!r}")
+    return rec
 
 
 def window_from_record(rec: dict, record_id: str | None = None) -> Window:
@@ -94,14 +138,21 @@ def _pad(windows: list[Window], device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.inference_mode()
-def score_windows(target, kept_ids: torch.Tensor, windows: list[Window], topk: int, batch: int = 8) -> None:
+def score_windows(target, kept_ids: torch.Tensor, windows: list[Window], topk: int, batch: int = 8,
+                  features: bool = False) -> None:
     """Fill ``w.teacher`` for windows that lack it: one right-padded target forward per batch (causal attention
-    keeps the real positions unaffected by the padding)."""
-    todo = [w for w in windows if w.teacher is None]
+    keeps the real positions unaffected by the padding). ``features``: also keep the target's last hidden states
+    (feature drafters), taken from the same forward (body, then lm_head)."""
+    todo = [w for w in windows if w.teacher is None or (features and w.teacher.features is None)]
     for i in range(0, len(todo), batch):
         chunk = todo[i:i + batch]
         x, _ = _pad(chunk, kept_ids.device)
-        logits = target(input_ids=x).logits.float()
+        if features:
+            hidden = target.model(input_ids=x).last_hidden_state
+            logits = target.lm_head(hidden).float()
+            hidden = hidden.to(torch.float16) if hidden.dtype == torch.float32 else hidden
+        else:
+            logits = target(input_ids=x).logits.float()
         p = torch.softmax(logits, -1)
         argmax = logits.argmax(-1)
         pk = p[..., kept_ids]
@@ -110,7 +161,17 @@ def score_windows(target, kept_ids: torch.Tensor, windows: list[Window], topk: i
         for r, w in enumerate(chunk):
             n = len(w.ids)
             w.teacher = Teacher(top.indices[r, :n].clone(), top.values[r, :n].clone(), mass[r, :n].clone(),
-                                argmax[r, :n].clone())
+                                argmax[r, :n].clone(), hidden[r, :n].clone() if features else None)
+
+
+def window_features(windows: list[Window], width: int, device, dtype) -> torch.Tensor:
+    """[B, width, H] the target's last hidden states of scored windows, right-padded with zeros (h_j at j:
+    ``shift_features`` turns them into a feature drafter's input)."""
+    hidden = windows[0].teacher.features.shape[-1]
+    out = torch.zeros(len(windows), width, hidden, dtype=dtype, device=device)
+    for r, w in enumerate(windows):
+        out[r, :len(w.ids)] = w.teacher.features.to(device=device, dtype=dtype)
+    return out
 
 
 def dense_teacher_logits(teachers: list[Teacher], vocab: int) -> torch.Tensor:
@@ -212,8 +273,8 @@ def deepspeed_engine(drafter: Drafter, tc: TrainerConfig):
 
 
 def clone_drafter(drafter: Drafter, target) -> Drafter:
-    """A separate copy of the drafter's own weights over the same shared target embedding."""
-    copy = Drafter(target.config, drafter.layers, drafter.kept_ids, target.get_input_embeddings())
+    """A separate copy of the drafter's own weights over the same shared target embedding (either kind)."""
+    copy = type(drafter)(target.config, drafter.layers, drafter.kept_ids, target.get_input_embeddings())
     copy.load_state_dict(drafter.own_state_dict(), strict=False)
     copy.version = drafter.version
     p = next(drafter.parameters())
@@ -229,6 +290,8 @@ class TrainerStats:
     records_read: int = 0
     records_acked: int = 0
     records_skipped: int = 0   # unknown schema or trimmed before they were read
+    records_malformed: int = 0  # undecodable or out-of-range entries (acknowledged and skipped)
+    last_malformed: str = ""   # why the latest one was refused
     held_back: int = 0
     candidates: int = 0
     promoted: list = field(default_factory=list)
@@ -256,6 +319,7 @@ class OnlineTrainer:
         drafter.body.embed_tokens.requires_grad_(False)  # the target's: shared and frozen
         self.engine = deepspeed_engine(drafter, self.tc)
         self.drafter: Drafter = self.engine.module
+        self._feature = getattr(drafter, "kind", "truncated") == "feature"  # EAGLE: reads the target's features
         self.serving_version = getattr(drafter, "version", None) or "base"
         self.serving_drafter = clone_drafter(drafter, target)
         self.fresh: collections.deque[Window] = collections.deque()
@@ -268,6 +332,11 @@ class OnlineTrainer:
         self._eval_cache: dict[tuple[str, int], dict] = {}
         self.idle = threading.Event()  # set by run() while it is paused
         self._holdout_rev = 0
+        self.journal = None  # actors/journal.TrainingJournal: what was done with each record, before its XACK
+        self._unacked: list[str] = []  # consumed, but the XACK failed (Redis down): retried with the next one
+        # Read and not yet acknowledged. XAUTOCLAIM hands back any record idle for claim_idle_ms, this trainer's
+        # own included: one that waits that long in the fresh queue must not be queued (and trained on) twice.
+        self._queued: set[str] = set()
 
     # ---- reading records ----------------------------------------------------------------------------------
     def poll(self, block_ms: int | None = None) -> int:
@@ -276,35 +345,61 @@ class OnlineTrainer:
         if len(self.fresh) >= 8 * self.tc.batch_windows:
             return 0
         entries = self.reader.read(block_ms)
-        skip, hold = [], []
+        skip, hold, bad = [], [], []
         for rid, fields in entries:
+            if rid in self._queued:
+                continue  # claimed back from ourselves: it is in the fresh queue already
             self.stats.records_read += 1
-            if fields is None or int(fields.get(b"schema_version", fields.get("schema_version", 0))) != \
-                    SCHEMA_VERSION:
+            try:
+                rec = parse_record(fields, self.target.config.vocab_size, self.cfg.model.max_context) \
+                    if fields is not None else None
+            except MalformedRecord as e:
+                bad.append(rid)  # acknowledged below: a broken entry must not come back forever
+                self.stats.last_malformed = f"{rid}: {e}"
+                if self.stats.records_malformed + len(bad) <= 10 or len(bad) == 1:
+                    log.warning("malformed stream record %s skipped: %s", rid, e)
+                continue
+            if rec is None:
                 skip.append(rid)  # trimmed while pending, or a schema this trainer does not know
                 continue
-            w = window_from_record(decode_record(fields), rid)
+            w = window_from_record(rec, rid)
             if zlib.crc32(rid.encode()) % 100 < self.tc.holdout_percent:
                 hold.append(w)
             else:
                 self.fresh.append(w)
+                self._queued.add(rid)
         if hold:
             score_windows(self.target, self.kept, hold, self.tc.teacher_topk)
             self.holdout.extend(hold)
             self._holdout_rev += 1
             self.stats.held_back += len(hold)
-        self._ack([w.record_id for w in hold] + skip)
+        if self.journal is not None:
+            self.journal.write("held", [w.record_id for w in hold])
+            self.journal.write("skipped", skip)
+            self.journal.write("malformed", bad)
+        self._ack([w.record_id for w in hold] + skip + bad)
         self.stats.records_skipped += len(skip)
+        self.stats.records_malformed += len(bad)
         return len(entries)
 
     def _ack(self, ids: list[str]) -> None:
-        self.stats.records_acked += self.reader.ack([i for i in ids if i])
+        ids = self._unacked + [i for i in ids if i]
+        try:
+            n = self.reader.ack(ids)
+        except (redis.RedisError, OSError):
+            self._unacked = ids  # used already: acknowledged once Redis answers again, not trained twice
+            raise
+        self._unacked = []
+        self._queued.difference_update(ids)
+        self.stats.records_acked += n
 
     # ---- training -----------------------------------------------------------------------------------------
     def _row_weights(self, w: Window) -> torch.Tensor:
         n = len(w.ids)
         wt = torch.ones(n) if self.tc.window_positions else torch.zeros(n)
         wt[:w.first_row] = 0.0
+        if self._feature:
+            wt[0] = 0.0  # a feature drafter's first position has no predecessor's feature (zeros): no target
         if w.rejected_row is not None and w.rejected_row < n:
             wt[w.rejected_row] = self.tc.rejected_weight if self.tc.window_positions else 1.0
         return wt
@@ -317,9 +412,14 @@ class OnlineTrainer:
     def train_on(self, windows: list[Window]) -> float:
         """One applied optimizer step on ``windows``; returns the loss."""
         t0 = time.perf_counter()
-        score_windows(self.target, self.kept, windows, self.tc.teacher_topk)
+        score_windows(self.target, self.kept, windows, self.tc.teacher_topk, features=self._feature)
         x, mask = _pad(windows, self.kept.device)
-        logits = self.engine(x)[mask].float()  # [sum T, V'], rows in window order
+        if self._feature:  # teacher-forced on the target's own features: position i gets h_{i-1}
+            h = window_features(windows, x.shape[1], x.device, next(self.drafter.parameters()).dtype)
+            logits, predicted = self.engine(x, shift_features(h))
+            logits = logits[mask].float()
+        else:
+            logits = self.engine(x)[mask].float()  # [sum T, V'], rows in window order
         teacher = dense_teacher_logits([w.teacher for w in windows], self.vocab).to(logits.device)
         weights = torch.cat([self._row_weights(w) for w in windows]).to(logits.device)
         names = [self._loss_name(w.greedy) for w in windows for _ in w.ids]
@@ -328,6 +428,11 @@ class OnlineTrainer:
             rows = torch.tensor([n == name for n in names], device=logits.device)
             per_row[rows] = divergence(name, teacher[rows], logits[rows], beta=self.tc.jsd_beta)
         loss = (per_row * weights).sum() / weights.sum().clamp_min(1e-6)
+        if self._feature and self.tc.feature_loss_weight > 0:
+            # EAGLE's feature regression: the predicted feature at row i vs the target's h_i.
+            reg = torch.nn.functional.smooth_l1_loss(predicted[mask].float(), h[mask].float(),
+                                                     reduction="none").mean(-1)
+            loss = loss + self.tc.feature_loss_weight * (reg * weights).sum() / weights.sum().clamp_min(1e-6)
         self.engine.backward(loss)
         self.engine.step()
         self.stats.steps += 1
@@ -352,7 +457,11 @@ class OnlineTrainer:
         take = min(len(self.fresh), self.tc.batch_windows if backlog else max(1, self.tc.fresh_per_step))
         fresh = [self.fresh.popleft() for _ in range(take)]
         batch = fresh + self._sample_replay(self.tc.batch_windows - take)
+        if self.journal is not None:
+            self.journal.write("begin", [w.record_id for w in fresh])
         self.train_on(batch)
+        if self.journal is not None:
+            self.journal.write("applied", [w.record_id for w in fresh])
         self._ack([w.record_id for w in fresh])
         for w in fresh:
             self.seen += 1
@@ -361,8 +470,10 @@ class OnlineTrainer:
         return True
 
     @torch.inference_mode()
-    def _continue(self, prefix: list[int], greedy: bool) -> list[int]:
-        """The drafter's own continuation of ``prefix`` (greedy, or sampled at temperature 1)."""
+    def _continue(self, prefix: list[int], greedy: bool, features: torch.Tensor | None = None) -> list[int]:
+        """The drafter's own continuation of ``prefix`` (greedy, or sampled at temperature 1). A feature drafter
+        reads the target's hidden states of the prefix (``features`` [len(prefix), H], else computed here),
+        the last prefix token standing for the engine's pending token, then feeds back its own predictions."""
         from transformers import DynamicCache
 
         cache = DynamicCache()
@@ -370,8 +481,17 @@ class OnlineTrainer:
         out = []
         was_training = self.drafter.training
         self.drafter.eval()
+        feat = None
+        if self._feature:
+            dtype = next(self.drafter.parameters()).dtype
+            h = features[None] if features is not None else self.target.model(input_ids=x).last_hidden_state
+            feat = shift_features(h.to(device=x.device, dtype=dtype))
         for _ in range(self.tc.onpolicy_tokens):
-            logits = self.drafter(x, cache)[0, -1].float()
+            if self._feature:
+                logits, hidden = self.drafter(x, feat, cache)
+                logits, feat = logits[0, -1].float(), hidden[:, -1:]
+            else:
+                logits = self.drafter(x, cache)[0, -1].float()
             i = int(logits.argmax()) if greedy else int(torch.multinomial(torch.softmax(logits, -1), 1))
             tok = int(self.kept[i])
             out.append(tok)
@@ -387,7 +507,9 @@ class OnlineTrainer:
         for src in self._sample_replay(self.tc.batch_windows):
             cut = self.rng.randint(min(8, len(src.ids) - 1), len(src.ids) - 1)
             prefix = src.ids[:cut + 1]
-            windows.append(Window(ids=prefix + self._continue(prefix, src.greedy), rejected_row=None,
+            known = src.teacher.features[:cut + 1] if src.teacher is not None and src.teacher.features is not None \
+                else None  # the target's hidden states of the prefix, from scoring the source window
+            windows.append(Window(ids=prefix + self._continue(prefix, src.greedy, known), rejected_row=None,
                                   greedy=src.greedy, label=src.label, first_row=len(prefix) - 1))
         self.train_on(windows)
         self.stats.onpolicy_steps += 1
@@ -401,13 +523,16 @@ class OnlineTrainer:
         over the target's top-k kept tokens (a lower bound). ``gate`` weighs each window by its own mode."""
         was_training = drafter.training
         drafter.eval()
-        score_windows(self.target, self.kept, windows, self.tc.teacher_topk)
+        feature = getattr(drafter, "kind", "truncated") == "feature"
+        score_windows(self.target, self.kept, windows, self.tc.teacher_topk, features=feature)
         g_sum = s_sum = gate_sum = 0.0
         n = 0
         for i in range(0, len(windows), 8):
             chunk = windows[i:i + 8]
             x, _ = _pad(chunk, self.kept.device)
-            q = torch.softmax(drafter(x).float(), -1)
+            feats = shift_features(window_features(chunk, x.shape[1], x.device, next(drafter.parameters()).dtype)) \
+                if feature else None
+            q = torch.softmax(drafter_logits(drafter, x, feats).float(), -1)
             for r, w in enumerate(chunk):
                 rows = slice(min(skip_rows, len(w.ids) - 1), len(w.ids))
                 t = w.teacher
@@ -436,6 +561,10 @@ class OnlineTrainer:
             served = self.registry.load(version, self.target)
         except RegistryError as e:
             log.error("cannot follow drafter %s: %s", version, e)
+            return
+        if served.kind != self.drafter.kind or served.layers != self.drafter.layers:
+            log.error("cannot follow drafter %s: it is a %s drafter of %d layers, this trainer trains a %s one "
+                      "of %d", version, served.kind, served.layers, self.drafter.kind, self.drafter.layers)
             return
         self.serving_version, self.serving_drafter = version, served
         with torch.no_grad():
@@ -534,7 +663,7 @@ class OnlineTrainer:
 def build_trainer(cfg: OnspecConfig, client: redis.Redis | None = None) -> OnlineTrainer:
     """Everything from the config: its own target copy, the registry, the serving (or initial) drafter."""
     from onspec.actors.checkpoint import load_checkpoint
-    from onspec.actors.models import derive_drafter, load_target, stop_token_ids
+    from onspec.actors.models import load_target, make_drafter, stop_token_ids
 
     torch.set_num_threads(cfg.trainer.threads)
     target, tok = load_target(cfg.model.model_copy(update={"threads": cfg.trainer.threads}), cfg.data_dir)
@@ -543,8 +672,7 @@ def build_trainer(cfg: OnspecConfig, client: redis.Redis | None = None) -> Onlin
     if cfg.drafter.checkpoint:
         initial, _ = load_checkpoint(cfg.drafter.checkpoint, target)
     else:
-        initial = derive_drafter(target, cfg.drafter.layers, cfg.drafter.vocab_keep,
-                                 always_keep=tuple(stop_token_ids(target, tok)))
+        initial = make_drafter(target, cfg.drafter, always_keep=tuple(stop_token_ids(target, tok)))
     registry.ensure_registered(initial)
     serving = registry.serving()
     drafter = registry.load(serving, target) if serving and serving != initial.version else initial
@@ -557,10 +685,13 @@ def build_trainer(cfg: OnspecConfig, client: redis.Redis | None = None) -> Onlin
 class TrainerActor:
     """The Ray actor (cluster/serve.py starts it with ray.remote): the trainer on a background thread."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, journal: str | None = None):
         logging.basicConfig(level=logging.INFO)
         self.cfg = OnspecConfig.model_validate(cfg)
         self.trainer = build_trainer(self.cfg)
+        if journal:  # fault benches and tests: which records each incarnation used (actors/journal.py)
+            from onspec.actors.journal import TrainingJournal
+            self.trainer.journal = TrainingJournal(journal)
         self._stop, self._paused = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self.trainer.run, args=(self._stop, self._paused),
                                         name="onspec-trainer", daemon=True)

@@ -10,24 +10,33 @@ cluster/serve.py passes a backend over Ray Serve deployment handles; tests may p
 Every refusal is a 4xx with OpenAI's error body {"error": {"message", "type", "param", "code"}}.
 The same app serves the drafter registry's admin endpoints (/v1/admin/drafters...) when Redis is configured,
 /metrics (Prometheus) and the dashboard (/dashboard, cluster/dashboard.py).
+
+With keys configured (server.api_keys / admin_keys / the key files), every route but /healthz, /readyz, /metrics
+and the dashboard's page and static files needs ``Authorization: Bearer <key>``; /v1/admin/* needs an admin key
+(docs/security.md). ``create_app(...).openapi()`` is the API's OpenAPI schema, request bodies and refusals
+included (tests/test_fuzz.py fuzzes the app from it).
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from onspec.cluster.config import OnspecConfig
 from onspec.cluster.dashboard import History, add_dashboard_routes
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 LABEL_PATTERN = r"^[A-Za-z0-9_.:/-]{1,64}$"
@@ -40,18 +49,30 @@ SNAPSHOT_TIMEOUT_S = 2.0  # a scrape does not wait longer than this for a replic
 
 
 # ---- request schemas ----------------------------------------------------------------------------------------
+def _json_number(value):
+    """Numbers as JSON has them: pydantic's lax int and float would also take true or "0.5", which the schema
+    (and OpenAI) do not allow; 3.0 stays an integer, as in JSON Schema."""
+    if isinstance(value, (bool, str)):
+        raise ValueError("expected a number")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_json_number)]
+Float = Annotated[float, BeforeValidator(_json_number)]
+
+
 class _Request(BaseModel):
     # OpenAI clients send fields we do not use (user, frequency_penalty, ...): accept and ignore them.
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    max_tokens: int | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="onspec extension: 0 = no top-k cut")
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="torch's seed range")
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    max_tokens: Int | None = None
+    temperature: Float = Field(1.0, ge=0.0, le=2.0)
+    top_p: Float = Field(1.0, gt=0.0, le=1.0)
+    top_k: Int = Field(0, ge=0, description="onspec extension: 0 = no top-k cut")
+    seed: Int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="torch's seed range")
+    n: Int = Field(1, ge=1, le=1, description="one choice per request")
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
     label: str | None = Field(None, pattern=LABEL_PATTERN,
                               description="onspec extension: tags traffic (domain, tenant) in the stream and "
@@ -76,7 +97,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Int | None = None
 
 
 class _AdminBody(BaseModel):
@@ -103,6 +124,138 @@ class APIError(Exception):
 
 def error_response(status: int, error: dict) -> JSONResponse:
     return JSONResponse({"error": error}, status_code=status)
+
+
+# ---- authentication and per-key limits (docs/security.md) -----------------------------------------------------
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/dashboard"})  # no key needed, like vLLM's /health
+OPEN_PREFIXES = ("/dashboard/static/",)
+ADMIN_PREFIX = "/v1/admin"
+
+
+def required_scope(path: str) -> str | None:
+    """None (open), "api" (an API or an admin key) or "admin" (an admin key). Anything not listed as open needs
+    a key: an unknown path answers 401 to a client without one, 404 to one with one."""
+    if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+        return None
+    if path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/"):
+        return "admin"
+    return "api"
+
+
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
+
+
+class Keys:
+    """The configured keys, held as SHA-256 digests. A presented key is hashed and compared with every one of
+    them (hmac.compare_digest over equal-length digests, no early exit): the time taken says neither which key
+    nor how much of one matched."""
+
+    def __init__(self, api_keys: list[str], admin_keys: list[str]):
+        self.api = [_digest(k.encode()) for k in api_keys]
+        self.admin = [_digest(k.encode()) for k in admin_keys]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api or self.admin)
+
+    def check(self, presented: bytes) -> tuple[str | None, str]:
+        """(scope of the key: "admin", "api" or None for no valid key, an id for the key: a hash, not the key)."""
+        d = _digest(presented)
+        admin = api = False
+        for k in self.admin:
+            admin |= hmac.compare_digest(d, k)
+        for k in self.api:
+            api |= hmac.compare_digest(d, k)
+        return ("admin" if admin else "api" if api else None), d.hex()[:16]
+
+
+def presented_key(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The key of ``Authorization: Bearer <key>`` (or ``x-api-key: <key>``); None if neither is there."""
+    found = {}
+    for name, value in headers:
+        if name in (b"authorization", b"x-api-key") and name not in found:
+            found[name] = value
+    if b"authorization" in found:
+        scheme, _, token = found[b"authorization"].strip().partition(b" ")
+        return (token.strip() or None) if scheme.lower() == b"bearer" else None
+    return found.get(b"x-api-key", b"").strip() or None
+
+
+class Limiter:
+    """Requests in flight per key on the generation endpoints (one event loop: no lock needed)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_flight: dict[str, int] = {}  # key id (a hash) -> requests
+
+    def acquire(self, key_id: str) -> bool:
+        n = self.in_flight.get(key_id, 0)
+        if self.limit and n >= self.limit:
+            return False
+        self.in_flight[key_id] = n + 1
+        return True
+
+    def release(self, key_id: str) -> None:
+        n = self.in_flight.get(key_id, 0) - 1
+        if n > 0:
+            self.in_flight[key_id] = n
+        else:
+            self.in_flight.pop(key_id, None)
+
+
+def _route_path(scope) -> str:
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+class AuthMiddleware:
+    """Bearer keys and the per-key concurrency limit, as plain ASGI: a streaming response stays inside
+    ``__call__`` until its last byte or the client's disconnect, so the slot is released exactly then."""
+
+    def __init__(self, app, keys: Keys, limiter: Limiter, refused=None):
+        self.app, self.keys, self.limiter, self.refused = app, keys, limiter, refused
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.keys.enabled:
+            return await self.app(scope, receive, send)
+        path = _route_path(scope)
+        need = required_scope(path)
+        if need is None:
+            return await self.app(scope, receive, send)
+        token = presented_key(scope["headers"])
+        if token is None:
+            return await self._refuse(scope, receive, send, path, 401, "no API key: send the header "
+                                      "'Authorization: Bearer <key>'", "invalid_api_key")
+        have, key_id = self.keys.check(token)
+        if have is None:
+            return await self._refuse(scope, receive, send, path, 401, "the API key is not valid",
+                                      "invalid_api_key")
+        if need == "admin" and have != "admin":
+            return await self._refuse(scope, receive, send, path, 403, f"{path} needs the admin scope: an admin "
+                                      "key (server.admin_keys, --admin-key-file); the key sent is an API key",
+                                      "insufficient_scope", type="permission_error")
+        if not (path in ENDPOINTS and scope["method"] == "POST" and self.limiter.limit):
+            return await self.app(scope, receive, send)
+        if not self.limiter.acquire(key_id):
+            return await self._refuse(scope, receive, send, path, 429, "too many concurrent requests with this "
+                                      f"key: at most {self.limiter.limit} in flight (server.max_concurrent_per_"
+                                      "key); retry once one has finished", "rate_limit_exceeded",
+                                      type="rate_limit_error")
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.limiter.release(key_id)
+
+    async def _refuse(self, scope, receive, send, path: str, status: int, message: str, code: str,
+                      type: str = "invalid_request_error"):
+        headers = {401: {"WWW-Authenticate": "Bearer"},
+                   403: {"WWW-Authenticate": 'Bearer error="insufficient_scope", scope="admin"'},
+                   429: {"Retry-After": "1"}}[status]
+        if self.refused is not None:
+            self.refused(path, status)
+        body = {"error": {"message": message, "type": type, "param": None, "code": code}}
+        await JSONResponse(body, status_code=status, headers=headers)(scope, receive, send)
 
 
 # ---- metrics ------------------------------------------------------------------------------------------------
@@ -163,6 +316,13 @@ class Metrics:
         self.tokens_per_step = Histogram("onspec_request_tokens_per_step", "generated tokens per target forward "
                                          "pass of one request", ["drafter_version"], registry=r,
                                          buckets=(1, 1.25, 1.5, 1.75, 2, 2.5, 3, 4, 5, 6, 8))
+        self.source_rounds = Counter("onspec_draft_source_rounds", "verification rounds by draft source (model: "
+                                     "the drafter; suffix: text seen before; none: no draft)", ["source"],
+                                     registry=r)
+        self.source_drafted = Counter("onspec_draft_source_drafted_tokens", "drafted tokens by draft source",
+                                      ["source"], registry=r)
+        self.source_accepted = Counter("onspec_draft_source_accepted_tokens", "accepted tokens by draft source",
+                                       ["source"], registry=r)
         self.draft_length = Histogram("onspec_request_draft_length", "mean draft length chosen per verification "
                                       "round of one request (0: the controller did not draft)",
                                       ["drafter_version"], registry=r,
@@ -187,6 +347,11 @@ class Metrics:
         self.drafted_by.labels(ver, lab).inc(usage["drafted_tokens"])
         self.accepted_by.labels(ver, lab).inc(usage["accepted_tokens"])
         self.steps.labels(ver, lab).inc(steps)
+        for source, figures in (usage.get("draft_sources") or {}).items():
+            if source in ("model", "suffix", "none"):
+                self.source_rounds.labels(source).inc(figures["rounds"])
+                self.source_drafted.labels(source).inc(figures["drafted"])
+                self.source_accepted.labels(source).inc(figures["accepted"])
         if usage["drafted_tokens"]:
             self.acceptance.labels(ver).observe(usage["accepted_tokens"] / usage["drafted_tokens"])
         if steps:
@@ -262,6 +427,8 @@ def _trainer_families(state: dict | None):
                 ("records_acked", "onspec_trainer_records_consumed",
                  "stream records trained on (or held back for the gate) and acknowledged"),
                 ("records_skipped", "onspec_trainer_records_skipped", "records skipped (unknown schema, trimmed)"),
+                ("records_malformed", "onspec_trainer_records_malformed",
+                 "malformed records skipped (undecodable or out-of-range fields)"),
                 ("busy_waits", "onspec_trainer_paused_for_load", "times the trainer paused for serving load"),
                 ("candidates", "onspec_trainer_candidates", "candidate versions registered"),
                 ("train_s", "onspec_trainer_train_seconds", "time spent in training steps"))
@@ -305,15 +472,21 @@ async def read_json(request: Request, limit: int, empty: Any = ...) -> Any:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"the request body is over {limit} bytes", code="body_too_large")
-    body = await request.body()
-    if len(body) > limit:
-        raise APIError(413, f"the request body is over {limit} bytes", code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # a chunked upload stops being read at the limit
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body is over {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
+    body = b"".join(chunks)
     if not body.strip() and empty is not ...:
         return empty
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the body is not valid JSON: nested too deeply", code="invalid_json") from None
 
 
 def validated(schema: type[BaseModel], data: Any) -> BaseModel:
@@ -369,6 +542,16 @@ def create_app(cfg: OnspecConfig, backend, registry=None, history: History | Non
     metrics = Metrics()
     drafters = _Registry(cfg, registry)
     app.state.metrics, app.state.history = metrics, history
+    keys = Keys(*cfg.server.keys())  # the key files are read here, in the process that serves
+    limiter = app.state.limiter = Limiter(cfg.server.max_concurrent_per_key)
+    app.state.auth = keys.enabled
+
+    def refused(path: str, status: int) -> None:
+        if path in ENDPOINTS:
+            metrics.requests.labels(ENDPOINTS[path], str(status)).inc()
+
+    app.add_middleware(AuthMiddleware, keys=keys, limiter=limiter, refused=refused)
+    app.openapi = lambda: app.openapi_schema or _openapi(app, keys.enabled, model_name, cfg.server.max_tokens_limit)
 
     def record(label: str | None, usage: dict, replica: dict | None, t0: float) -> None:
         version, lab = metrics.finished(label, usage, replica)
@@ -383,8 +566,17 @@ def create_app(cfg: OnspecConfig, backend, registry=None, history: History | Non
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
-        return error_response(e.status_code, {"message": str(e.detail), "type": "invalid_request_error",
-                                              "param": None, "code": None})
+        return JSONResponse({"error": {"message": str(e.detail), "type": "invalid_request_error", "param": None,
+                                       "code": None}}, status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_parameter(request: Request, e: RequestValidationError):
+        # A query or path parameter FastAPI checks itself: a 400 in OpenAI's shape (vLLM's choice), not a 422.
+        err = (e.errors() or [{}])[0]
+        param = ".".join(str(x) for x in err.get("loc", ())[1:]) or None
+        return error_response(400, {"message": f"{param}: {err.get('msg', 'invalid')}" if param else
+                                    str(err.get("msg", "invalid request")), "type": "invalid_request_error",
+                                    "param": param, "code": "invalid_value"})
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
@@ -684,6 +876,246 @@ def add_admin_routes(app: FastAPI, cfg: OnspecConfig, registry=None, backend=Non
             _known(reg, version)
             return reg.promote(version, **({"reason": req.reason} if req.reason else {}))
         return await call(switch)
+
+
+# ---- the OpenAPI schema -----------------------------------------------------------------------------------------
+# The generation and admin routes parse their bodies themselves (read_json + validated: 413 before parsing, 400s in
+# OpenAI's shape), so FastAPI cannot see them: _openapi declares every route's body, answers and refusals from
+# the table below, and the 401/403/429 of AuthMiddleware from required_scope, the same rule it applies.
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    acceptance_rate: float
+    drafted_tokens: int
+    accepted_tokens: int
+    tokens_per_step: float
+    drafter_version: str | None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: str
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: str
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: str | None
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class ChatDelta(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None
+    finish_reason: str | None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Unready(BaseModel):
+    status: Literal["unavailable"]
+    reason: str
+
+
+_JSON, _SSE, _OBJECT = "application/json", "text/event-stream", {"type": "object"}
+_TEXT = {"type": "string"}
+
+
+class _Events:
+    """A text/event-stream answer: each event's data is a JSON ``chunk`` or error, or the final [DONE]."""
+
+    def __init__(self, chunk: type[BaseModel]):
+        self.chunk = chunk
+# (path, method) -> body: request body model (optional: may be empty), ok: {media type: model or JSON schema},
+# errors: statuses the route itself may answer (AuthMiddleware's are added by required_scope).
+OPENAPI_ROUTES: dict[tuple[str, str], dict] = {
+    ("/v1/completions", "post"): {"body": CompletionRequest, "ok": {_JSON: Completion, _SSE: _Events(CompletionChunk)},
+                                  "errors": (400, 404, 413, 503)},
+    ("/v1/chat/completions", "post"): {"body": ChatCompletionRequest,
+                                       "ok": {_JSON: ChatCompletion, _SSE: _Events(ChatCompletionChunk)},
+                                       "errors": (400, 404, 413, 503)},
+    ("/v1/models", "get"): {"ok": {_JSON: ModelList}},
+    ("/healthz", "get"): {"ok": {_JSON: _OBJECT}},
+    ("/readyz", "get"): {"ok": {_JSON: _OBJECT}, "errors": {503: Unready}},
+    ("/metrics", "get"): {"ok": {"text/plain": _TEXT}},
+    ("/v1/admin/trainer", "get"): {"ok": {_JSON: _OBJECT}, "errors": (503,)},
+    ("/v1/admin/drafters", "get"): {"ok": {_JSON: _OBJECT}, "errors": (503,)},
+    ("/v1/admin/drafters/{version}", "get"): {"ok": {_JSON: _OBJECT}, "errors": (400, 404, 503)},
+    ("/v1/admin/drafters/rollback", "post"): {"body": RollbackBody, "optional": True, "ok": {_JSON: _OBJECT},
+                                              "errors": (400, 404, 409, 413, 503)},
+    ("/v1/admin/drafters/{version}/promote", "post"): {"body": PromoteBody, "optional": True,
+                                                       "ok": {_JSON: _OBJECT}, "errors": (400, 404, 409, 413, 503)},
+    ("/dashboard", "get"): {"ok": {"text/html": _TEXT}},
+    ("/dashboard/static/{name}", "get"): {"ok": {"text/javascript": _TEXT, "text/css": _TEXT}, "errors": (404,)},
+    ("/dashboard/data", "get"): {"ok": {_JSON: _OBJECT}, "errors": (400,)},
+}
+_AUTH_HEADERS = {401: {"WWW-Authenticate": "Bearer"}, 403: {"WWW-Authenticate": "Bearer ... insufficient_scope"},
+                 429: {"Retry-After": "seconds"}}
+
+
+def _declare_limits(models: dict, model_name: str, max_tokens_limit: int) -> None:
+    """What the request models leave to the handlers, declared in the schema: the one served model, stop
+    sequences (unsupported: only an empty value), max_tokens' range, one prompt per request."""
+    null = {"type": "null"}
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        props = models[name]["properties"]
+        props["model"] = {"anyOf": [{"type": "string", "const": model_name}, null], "default": None,
+                          "description": "the served model (GET /v1/models); another one is a 404"}
+        props["stop"] = {"anyOf": [null, {"type": "string", "maxLength": 0},
+                                   {"type": "array", "items": {"type": "string"}, "maxItems": 0}],
+                         "default": None, "description": "stop sequences are not supported (400)"}
+        for field in ("max_tokens", "max_completion_tokens"):
+            if field in props:
+                props[field] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": max_tokens_limit}, null],
+                                "default": None}
+    models["CompletionRequest"]["properties"]["prompt"] = {"anyOf": [
+        {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}],
+        "description": "one prompt (a list of exactly one string is accepted too)"}
+
+
+def _openapi(app: FastAPI, auth: bool, model_name: str, max_tokens_limit: int) -> dict:
+    """The app's OpenAPI schema (cached on the app); ``auth``: keys are configured (bearer security declared)."""
+    from http import HTTPStatus
+
+    from onspec.cluster.dashboard import STATIC
+
+    schema = get_openapi(title="onspec", version="1", routes=app.routes,
+                         description="OpenAI-compatible completions with online speculative decoding; errors are "
+                                     "{\"error\": {message, type, param, code}} (docs/serving.md, "
+                                     "docs/security.md)")
+    comps = schema.setdefault("components", {})
+    models = comps.setdefault("schemas", {})
+
+    def ref(model) -> dict:
+        if isinstance(model, _Events):
+            payload = {"type": "string", "contentMediaType": _JSON,
+                       "contentSchema": {"anyOf": [ref(model.chunk), ref(ErrorResponse)]}}
+            return {"type": "object", "required": ["data"],
+                    "properties": {"data": {"anyOf": [{"const": "[DONE]"}, payload]}}}
+        if not isinstance(model, type):
+            return model
+        js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        models.update(js.pop("$defs", {}))
+        models[model.__name__] = js
+        return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+    for path, ops in schema["paths"].items():
+        for method, op in ops.items():
+            spec = OPENAPI_ROUTES.get((path, method), {})
+            errors = spec.get("errors", ())
+            errors = dict(errors) if isinstance(errors, dict) else dict.fromkeys(errors, ErrorResponse)
+            scope = required_scope(path)
+            if auth and scope:
+                errors[401] = ErrorResponse
+                op["security"] = [{"bearer": []}]
+                if scope == "admin":
+                    errors[403] = ErrorResponse
+                if path in ENDPOINTS:
+                    errors[429] = ErrorResponse
+            op["responses"] = {"200": {"description": "OK", "content": {
+                media: {"schema": ref(m)} for media, m in spec.get("ok", {_JSON: _OBJECT}).items()}}}
+            for status, model in sorted(errors.items()):
+                answer = {"description": HTTPStatus(status).phrase, "content": {_JSON: {"schema": ref(model)}}}
+                if status in _AUTH_HEADERS:
+                    answer["headers"] = {h: {"required": True, "description": d, "schema": {"type": "string"}}
+                                         for h, d in _AUTH_HEADERS[status].items()}
+                op["responses"][str(status)] = answer
+            if "body" in spec:
+                op["requestBody"] = {"required": not spec.get("optional"),
+                                     "content": {_JSON: {"schema": ref(spec["body"])}}}
+            for param in op.get("parameters", ()):  # what the handlers check themselves (400 / 404)
+                if param["in"] == "path" and param["name"] == "version":
+                    param["schema"] = {"type": "string", "pattern": VERSION_PATTERN}
+                elif param["in"] == "path" and param["name"] == "name":
+                    param["schema"] = {"type": "string", "enum": sorted(STATIC)}
+    _declare_limits(models, model_name, max_tokens_limit)
+    models.pop("HTTPValidationError", None)  # FastAPI's 422s: parameter errors are 400s here
+    models.pop("ValidationError", None)
+    if auth:
+        comps["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer", "description":
+                                               "an API key; /v1/admin/* needs an admin key"}}
+    app.openapi_schema = schema
+    return schema
 
 
 def sse(obj: dict) -> str:

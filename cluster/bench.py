@@ -1,67 +1,151 @@
 """`onspec bench decode`: target-only and speculative decoding on the same prompts, side by side."""
 from __future__ import annotations
 
-from onspec.actors.engine import SamplingParams, SpeculativeEngine
+import copy
+
+from onspec.actors.engine import DraftController, SamplingParams, SpeculativeEngine
 from onspec.cluster.prompts import PromptSpec
 from onspec.kernels.draft_length import best_draft_length
 
 
+def _mode_state(engine: SpeculativeEngine, source: str) -> dict:
+    """What one decoding mode keeps to itself in a side-by-side run: its draft-length controller (acceptance
+    estimate), the suffix index (fed only with this mode's own earlier outputs, so every mode sees the same
+    history) and the suffix source's calibration."""
+    ctl = DraftController(engine.spec)
+    ctl.verify_cost, ctl.draft_cost = list(engine.controller.verify_cost), engine.controller.draft_cost
+    return {"spec": engine.spec.model_copy(update={"source": source}), "controller": ctl, "trust": 1.0,
+            "index": copy.deepcopy(engine.suffix_index)}  # the history the engine had when the run began
+
+
+def _run_mode(engine: SpeculativeEngine, state: dict, ids: list[int], params: SamplingParams):
+    engine.spec, engine.controller, engine.suffix_index = state["spec"], state["controller"], state["index"]
+    engine.suffix_trust = state["trust"]
+    g = engine.generate(ids, params, speculate=True)
+    state["trust"] = engine.suffix_trust
+    return g
+
+
+def _hf_generate(engine: SpeculativeEngine, ids: list[int], max_tokens: int, lookup: int | None):
+    """transformers' own greedy generate, plain or with prompt-lookup decoding (Saxena 2023): the reference
+    implementation of the model-free drafting the suffix source generalises."""
+    import time
+
+    import torch
+
+    x = torch.tensor([ids], device=engine.device)
+    kw = dict(max_new_tokens=max_tokens, do_sample=False, eos_token_id=sorted(engine.stop_ids) or None,
+              pad_token_id=sorted(engine.stop_ids)[0] if engine.stop_ids else 0)
+    if lookup:
+        kw["prompt_lookup_num_tokens"] = lookup
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = engine.target.generate(x, **kw)[0, len(ids):].tolist()
+    return out, time.perf_counter() - t
+
+
 def bench_decode(engine: SpeculativeEngine, specs: list[PromptSpec], max_tokens: int, repeats: int = 1,
-                 log=lambda *_: None) -> dict:
-    """Interleaves the two modes prompt by prompt (so drift in machine load hits both alike), after one
-    excluded warm-up of each. Greedy, so the speculative output must equal the target's token for token."""
+                 sources: tuple[str, ...] | None = None, prompt_lookup: int = 0, log=lambda *_: None) -> dict:
+    """Target-only and speculative decoding with each draft source, interleaved prompt by prompt (so drift in
+    machine load hits all alike), after one excluded warm-up of each. Greedy, so every speculative output must
+    equal the target's token for token. With ``prompt_lookup`` > 0, transformers' generate with
+    prompt-lookup decoding (that many tokens) and without it run on the same prompts too.
+
+    The top-level figures are those of the first source; ``sources`` holds every source's."""
+    sources = tuple(sources or (engine.spec.source,))
     prompts = [engine.encode(s.prompt, s.messages) for s in specs]
     for ids in prompts:
         engine.check_prompt(ids)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    saved = engine.spec, engine.controller, engine.suffix_index, engine.suffix_trust
+    if engine.spec.cost_aware and engine.spec.mode == "adaedl":
+        engine.spec = engine.spec.model_copy(update={"source": "hybrid"})  # measures the suffix lengths too
+        engine.calibrate()
+    states = {src: _mode_state(engine, src) for src in sources}
     warm = SamplingParams(max_tokens=8)
     engine.generate(prompts[0], warm, speculate=False)
-    engine.generate(prompts[0], warm, speculate=True)
-    totals = {m: {"tokens": 0, "seconds": 0.0, "drafted": 0, "accepted": 0, "forwards": 0} for m in ("t", "s")}
-    identical = True
+    for src in sources:
+        _run_mode(engine, _mode_state(engine, src), prompts[0], warm)
+    if prompt_lookup:
+        _hf_generate(engine, prompts[0], 8, None)
+        _hf_generate(engine, prompts[0], 8, prompt_lookup)
+    keys = ("tokens", "seconds", "drafted", "accepted", "forwards")
+    totals = {m: dict.fromkeys(keys, 0) for m in ("target", *sources)}
+    by_source = {src: {s: [0, 0, 0] for s in ("model", "suffix", "none")} for src in sources}
+    hf = {"plain": [0, 0.0], "lookup": [0, 0.0]}
+    identical = {src: True for src in sources}
+    hf_identical = True
     per_prompt = []
-    for _ in range(repeats):
-        for spec, ids in zip(specs, prompts):
-            runs = {}
-            for mode, speculate in (("t", False), ("s", True)):
-                g = engine.generate(ids, params, speculate=speculate)
-                runs[mode] = g
-                tot = totals[mode]
-                tot["tokens"] += g.stats.completion_tokens
-                tot["seconds"] += g.stats.elapsed_s
-                tot["drafted"] += g.stats.drafted
-                tot["accepted"] += g.stats.accepted
-                tot["forwards"] += g.stats.target_forwards
-            same = runs["t"].token_ids == runs["s"].token_ids
-            identical &= same
-            row = {"id": spec.id, "target_tokens_per_s": round(runs["t"].stats.tokens_per_s, 3),
-                   "spec_tokens_per_s": round(runs["s"].stats.tokens_per_s, 3),
-                   "acceptance_rate": round(runs["s"].stats.acceptance_rate, 4), "identical": same}
-            per_prompt.append(row)
-            log(row)
-    t, s = totals["t"], totals["s"]
-    t_tps, s_tps = t["tokens"] / t["seconds"], s["tokens"] / s["seconds"]
-    alpha = s["accepted"] / s["drafted"] if s["drafted"] else 0.0
-    ctl = engine.controller
-    cost_ratio = ctl.draft_cost / ctl.verify_cost[0]
+    try:
+        for _ in range(repeats):
+            for spec, ids in zip(specs, prompts):
+                runs = {"target": engine.generate(ids, params, speculate=False)}
+                for src in sources:
+                    runs[src] = _run_mode(engine, states[src], ids, params)
+                    for s, v in runs[src].stats.sources.items():
+                        by_source[src][s] = [a + b for a, b in zip(by_source[src][s], v)]
+                for mode, g in runs.items():
+                    tot = totals[mode]
+                    for key, val in zip(keys, (g.stats.completion_tokens, g.stats.elapsed_s, g.stats.drafted,
+                                               g.stats.accepted, g.stats.target_forwards)):
+                        tot[key] += val
+                row = {"id": spec.id, "target_tokens_per_s": round(runs["target"].stats.tokens_per_s, 3)}
+                for src in sources:
+                    same = runs[src].token_ids == runs["target"].token_ids
+                    identical[src] &= same
+                    row[src] = {"tokens_per_s": round(runs[src].stats.tokens_per_s, 3),
+                                "acceptance_rate": round(runs[src].stats.acceptance_rate, 4), "identical": same}
+                if prompt_lookup:
+                    ref = runs["target"].token_ids
+                    for name, n in (("plain", None), ("lookup", prompt_lookup)):
+                        out, secs = _hf_generate(engine, ids, max_tokens, n)
+                        hf[name][0] += len(out)
+                        hf[name][1] += secs
+                        hf_identical &= out[:len(ref)] == ref
+                    row["hf_lookup_tokens_per_s"] = round(len(out) / secs, 3)
+                per_prompt.append(row)
+                log(row)
+    finally:
+        engine.spec, engine.controller, engine.suffix_index, engine.suffix_trust = saved
+    t = totals["target"]
+    t_tps = t["tokens"] / t["seconds"]
+    ctl = states[sources[0]]["controller"]
+    modes = {}
+    for src in sources:
+        s = totals[src]
+        s_tps = s["tokens"] / s["seconds"]
+        modes[src] = {"tokens_per_s": round(s_tps, 3), "speedup": round(s_tps / t_tps, 4),
+                      "acceptance_rate": round(s["accepted"] / s["drafted"], 4) if s["drafted"] else 0.0,
+                      "tokens_per_step": round(s["tokens"] / s["forwards"], 4), "drafted": s["drafted"],
+                      "accepted": s["accepted"], "identical": identical[src],
+                      "by_source": {k: dict(zip(("rounds", "drafted", "accepted"), v))
+                                    for k, v in by_source[src].items()}}
+    first = modes[sources[0]]
     k = engine.spec.max_draft if engine.spec.mode == "adaedl" else engine.spec.fixed_k
-    _, predicted = best_draft_length(alpha, ctl.draft_cost, ctl.verify_cost, k)
-    return {
+    _, predicted = best_draft_length(first["acceptance_rate"], ctl.draft_cost, ctl.verify_cost, k)
+    result = {
         "target_tokens_per_s": round(t_tps, 3),
-        "spec_tokens_per_s": round(s_tps, 3),
-        "speedup": round(s_tps / t_tps, 4),
-        "acceptance_rate": round(alpha, 4),
-        "tokens_per_step": round(s["tokens"] / s["forwards"], 4),
-        "identical": identical,
-        "drafted": s["drafted"],
-        "accepted": s["accepted"],
+        "spec_tokens_per_s": first["tokens_per_s"],
+        "speedup": first["speedup"],
+        "acceptance_rate": first["acceptance_rate"],
+        "tokens_per_step": first["tokens_per_step"],
+        "identical": all(identical.values()),
+        "drafted": first["drafted"],
+        "accepted": first["accepted"],
         "drafter_version": getattr(engine.drafter, "version", None),
         "drafter_cost_per_token_ms": round(ctl.draft_cost * 1000, 2),
         "target_forward_ms": [round(c * 1000, 1) for c in ctl.verify_cost],
-        "drafter_cost_ratio": round(cost_ratio, 4),
+        "drafter_cost_ratio": round(ctl.draft_cost / ctl.verify_cost[0], 4),
         "predicted_speedup": round(predicted, 4),
+        "sources": modes,
         "prompts": per_prompt,
     }
+    if prompt_lookup:
+        plain, look = hf["plain"][0] / hf["plain"][1], hf["lookup"][0] / hf["lookup"][1]
+        result["prompt_lookup"] = {"num_tokens": prompt_lookup, "hf_tokens_per_s": round(plain, 3),
+                                   "hf_lookup_tokens_per_s": round(look, 3), "speedup": round(look / plain, 4),
+                                   "vs_target_only": round(look / t_tps, 4), "identical": hf_identical}
+    return result
 
 
 def bench_forward(target, sizes=(1, 2, 3, 4, 5, 7, 9), reps: int = 5, context: int = 64) -> dict:

@@ -85,7 +85,9 @@ def measure(engine, specs: list[PromptSpec], max_tokens: int, accept_k: int) -> 
 
     speed = bench_decode(engine, specs, max_tokens)
     spec_cfg = engine.spec
-    engine.spec = engine.controller.cfg = spec_cfg.model_copy(update={"mode": "fixed", "fixed_k": accept_k})
+    # The drafter model's own acceptance: what training moves (suffix drafts are measured in the speedup).
+    engine.spec = engine.controller.cfg = spec_cfg.model_copy(update={"mode": "fixed", "fixed_k": accept_k,
+                                                                      "source": "model"})
     try:
         drafted = accepted = 0
         for s in specs:
@@ -106,6 +108,7 @@ def bench_online(cfg: OnspecConfig, phases: list[Path], minutes_per_phase: float
     from onspec.actors.engine import SpeculativeEngine
     from onspec.actors.registry import DrafterRegistry
     from onspec.cluster.serve import Cluster
+    from onspec.actors.suffix_share import load_index
 
     sets = []
     for path in phases:
@@ -130,6 +133,8 @@ def bench_online(cfg: OnspecConfig, phases: list[Path], minutes_per_phase: float
             version = registry.serving()
             if version and version != getattr(engine.drafter, "version", None):
                 engine.set_drafter(registry.load(version, engine.target))
+            if cfg.speculation.source != "model":  # what the replicas' suffix indexes hold by now
+                engine.suffix_index = load_index(registry.r, cfg.suffix)
             return measure(engine, eval_specs, max_tokens, accept_k)
         finally:
             cluster.trainer_call("resume")

@@ -34,7 +34,7 @@ def bench_sources(cfg: OnspecConfig, phase: Path, steps: int = 60, eval_prompts:
     import redis
 
     from onspec.actors.engine import SamplingParams, SpeculativeEngine
-    from onspec.actors.models import derive_drafter, stop_token_ids
+    from onspec.actors.models import make_drafter, stop_token_ids
     from onspec.actors.registry import DrafterRegistry
     from onspec.actors.replica import Replica
     from onspec.actors.stream_logger import StreamLogger, decode_record, encode_record
@@ -81,7 +81,7 @@ def bench_sources(cfg: OnspecConfig, phase: Path, steps: int = 60, eval_prompts:
             results = {}
             for name, overrides in VARIANTS.items():
                 vcfg = run_cfg.merged(**overrides)
-                drafter = derive_drafter(target, cfg.drafter.layers, cfg.drafter.vocab_keep, always_keep=stops)
+                drafter = make_drafter(target, cfg.drafter, always_keep=stops)
                 reader = StreamReader(client, run_cfg.redis.stream_key, f"bench-{name}", "c")
                 trainer = OnlineTrainer(vcfg, target, drafter, registry, reader, seed=0)
                 if "base" not in results:

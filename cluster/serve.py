@@ -82,6 +82,10 @@ class EngineDeployment:
         self.replica = Replica(self.cfg, logger=logger, replica_id=rid)
         if self.cfg.redis.url:
             self.replica.watcher = _watcher(self.cfg, self.replica).start()
+        if self.cfg.redis.url and self.cfg.suffix.share and self.cfg.speculation.source != "model":
+            from onspec.actors.suffix_share import SuffixSharer
+            self.replica.share_suffixes(SuffixSharer.from_config(
+                self.cfg.redis.url, self.cfg.suffix, rid, self.replica.engine.suffix_inbox.append).start())
         self.metrics = _RayMetrics()
 
     def reconfigure(self, user_config: dict) -> None:
@@ -183,7 +187,7 @@ def build_app(cfg: OnspecConfig, stream_enabled: bool | None = None, version: st
     from ray import serve
 
     s = cfg.server
-    data = cfg.model_dump(mode="json")
+    data = cfg.wire()  # secrets included (a plain dump masks them): the deployments need the Redis password
     engine = serve.deployment(
         EngineDeployment, name="onspec-engine", num_replicas=s.replicas,
         max_ongoing_requests=s.max_ongoing_requests, max_queued_requests=s.max_queued_requests,
@@ -206,6 +210,30 @@ class ServeError(RuntimeError):
     pass
 
 
+def with_redis_password(cfg: OnspecConfig) -> OnspecConfig:
+    """The one place Redis clients get the password: it goes into ``redis.url``, which every client of the cluster
+    (stream logger, trainer, registry, hot-swap watcher, dashboard history) connects with. Never log that URL:
+    ``shown_url`` strips it."""
+    from onspec.cluster.kuberay import with_password
+
+    password = cfg.redis.resolved_password()
+    if not (password and cfg.redis.url):
+        return cfg
+    return cfg.merged(**{"redis.url": with_password(cfg.redis.url, password)})
+
+
+def shown_url(url: str | None) -> str | None:
+    """``url`` without its credentials, for messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
 def _check_port_free(host: str, port: int) -> None:
     """Fail fast with a clear message: Ray's proxy would only log the bind failure and keep retrying."""
     with socket.socket() as s:
@@ -222,6 +250,9 @@ def _absolute_paths(cfg: OnspecConfig) -> OnspecConfig:
         return str(Path(p).resolve()) if p is not None else None
 
     return cfg.merged(**{"data_dir": resolve(cfg.data_dir), "redis.dir": resolve(cfg.redis.dir),
+                         "server.api_key_file": resolve(cfg.server.api_key_file),
+                         "server.admin_key_file": resolve(cfg.server.admin_key_file),
+                         "redis.password_file": resolve(cfg.redis.password_file),
                          "drafter.checkpoint": resolve(cfg.drafter.checkpoint),
                          "model.gguf_path": resolve(cfg.model.gguf_path)})
 
@@ -229,9 +260,10 @@ def _absolute_paths(cfg: OnspecConfig) -> OnspecConfig:
 class Cluster:
     """Ray (local or joined), the private redis-server when no URL is given, and the Serve app."""
 
-    def __init__(self, cfg: OnspecConfig, ray_temp_dir: str | None = None):
+    def __init__(self, cfg: OnspecConfig, ray_temp_dir: str | None = None, trainer_journal: str | None = None):
         self.cfg = cfg
         self.ray_temp_dir = ray_temp_dir
+        self.trainer_journal = trainer_journal  # actors/journal.py, for the fault benches and tests
         self.redis = None
         self.trainer = None  # the TrainerActor handle, when cfg.trainer.enabled
         self.started_ray = False
@@ -243,12 +275,16 @@ class Cluster:
 
         cfg = self.cfg = _absolute_paths(self.cfg)
         _check_port_free(cfg.server.host, cfg.server.port)
+        # Secret files are read now: a missing or empty one fails here, not later inside a deployment.
+        cfg.server.keys()
+        password = cfg.redis.resolved_password()
         if cfg.redis.url is None and cfg.stream.enabled:
             from onspec.cluster.redis_server import RedisServer
             rdir = cfg.redis.dir or Path(cfg.data_dir) / "redis"
-            self.redis = RedisServer(rdir, cfg.redis.port).start()
+            self.redis = RedisServer(rdir, cfg.redis.port, password=password).start()
             cfg = self.cfg = cfg.merged(**{"redis.url": self.redis.url})
             log.info("private redis-server at %s (data in %s)", self.redis.url, rdir)
+        cfg = self.cfg = with_redis_password(cfg)
         try:
             if not ray.is_initialized():
                 if cfg.server.ray_address:
@@ -280,7 +316,7 @@ class Cluster:
             raise ServeError("the trainer needs Redis (the rejection stream and the drafter registry)")
         actor = ray.remote(TrainerActor).options(name="onspec-trainer", num_cpus=self.cfg.trainer.cpus,
                                                  max_restarts=3, max_task_retries=0)
-        self.trainer = actor.remote(self.cfg.model_dump(mode="json"))
+        self.trainer = actor.remote(self.cfg.wire(), self.trainer_journal)
         ray.get(self.trainer.state.remote(), timeout=600)  # built: model loaded, group joined
         return self.trainer
 

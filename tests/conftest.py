@@ -31,7 +31,7 @@ def tiny_target(vocab=96, layers=4, hidden=64, seed=0):
     return use_skinny_linear(model)
 
 
-def tiny_engine(drafter_layers=2, vocab_keep=64, mode="adaedl", cost_aware=False, seed=0, **spec):
+def tiny_engine(drafter_layers=2, vocab_keep=64, mode="adaedl", cost_aware=False, seed=0, source="model", **spec):
     from onspec.actors.engine import SpeculativeEngine
     from onspec.actors.models import derive_drafter
     from onspec.cluster.config import SpeculationConfig
@@ -39,7 +39,7 @@ def tiny_engine(drafter_layers=2, vocab_keep=64, mode="adaedl", cost_aware=False
     target = tiny_target(seed=seed)
     counts = torch.arange(target.config.vocab_size, 0, -1).double()
     drafter = derive_drafter(target, drafter_layers, vocab_keep, counts=counts)
-    cfg = SpeculationConfig(mode=mode, cost_aware=cost_aware, **spec)
+    cfg = SpeculationConfig(mode=mode, cost_aware=cost_aware, source=source, **spec)
     return SpeculativeEngine(target, WordTokenizer(), drafter, cfg, max_context=256, stop_ids=set())
 
 
@@ -81,3 +81,14 @@ def module_redis_server(tmp_path_factory):
     srv = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield srv
     srv.stop()
+
+
+def poll(pred, what: str, timeout_s: float = 30.0, every_s: float = 0.05):
+    """Wait until ``pred()`` is true, failing with ``what`` after ``timeout_s`` (no test sleeps on hope)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(what)
+        time.sleep(every_s)

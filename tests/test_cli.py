@@ -70,7 +70,7 @@ def test_bad_prompt_files_get_a_clear_error(tmp_path, content, needle):
 
 
 def test_bad_parameters_and_checkpoint_get_clear_errors(tmp_path, prompts_file):
-    r = onspec("generate", "--prompts-file", str(prompts_file), "--drafter", str(tmp_path / "none"))
+    r = onspec("generate", "--prompts-file", str(prompts_file), "--drafter-checkpoint", str(tmp_path / "none"))
     assert r.returncode == 2 and "no manifest.json" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -28,7 +28,10 @@ def redis_server(tmp_path_factory):
 # Fixed-length drafts: the base drafter is rejected in most rounds, so records are certain (the adaptive
 # controller would soon stop drafting with it).
 CFG = OnspecConfig(data_dir=DATA_DIR).merged(**{"stream.context_window": 16, "stream.topk": 4,
-                                                "speculation.mode": "fixed", "speculation.fixed_k": 3})
+                                                "speculation.mode": "fixed", "speculation.fixed_k": 3,
+                                                # the model drafter only: a repeated prompt would otherwise be
+                                                # drafted (and accepted) whole from the suffix index
+                                                "speculation.source": "model"})
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,8 @@ def test_records_roundtrip_with_the_documented_schema(server):
         assert rec == {"schema_version": SCHEMA_VERSION, "ts_ms": 1700000000500, "label": "math",
                        "request_id": "req-1", "drafter_version": "base", "context": [1, 2, 3, 40299],
                        "drafts": [5, 6, 7], "rejected_pos": 1, "target_token": 9, "topk_ids": [9, 6, 11],
-                       "topk_logprobs": pytest.approx([-0.1, -2.5, -4.0], abs=1e-6), "temperature": 0.7}
+                       "topk_logprobs": pytest.approx([-0.1, -2.5, -4.0], abs=1e-6), "temperature": 0.7,
+                       "source": "model"}
         assert log.stats()["written"] == 300 and log.stats()["dropped"] == 0
     finally:
         log.close()

@@ -1,5 +1,9 @@
 // onspec's dashboard: plain SVG and DOM, no library, nothing fetched but this server's own JSON.
 // Data: dashboard/data (history from Redis + live sums), v1/admin/drafters, v1/admin/trainer.
+// Keys (docs/security.md): on a server with keys every call carries one as a bearer token. It comes from the URL's
+// fragment (/dashboard#key=..., which browsers never send, and which is taken out of the address bar at once) or
+// from a prompt after a 401, and is kept in this tab's sessionStorage. An API key shows the charts; promoting,
+// rolling back and the registry and trainer panels need an admin key.
 "use strict";
 
 const SVG_NS = "http://www.w3.org/2000/svg"; // an XML namespace name, never requested
@@ -25,8 +29,42 @@ function el(tag, attrs = {}, text) {
   return node;
 }
 
-async function api(path, options) {
-  const resp = await fetch(path, options);
+const KEY_STORE = "onspec-key";
+function currentKey() {
+  try { return sessionStorage.getItem(KEY_STORE) || state.key || ""; } catch (e) { return state.key || ""; }
+}
+function setKey(key) {
+  state.key = key;
+  try { sessionStorage.setItem(KEY_STORE, key); } catch (e) { /* storage off: the key lives in this page only */ }
+}
+function takeKeyFromHash() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  const key = params.get("key");
+  if (!key) return;
+  setKey(key.trim());
+  params.delete("key");
+  const rest = params.toString();
+  history.replaceState(null, "", rest ? `#${rest}` : location.pathname + location.search);
+}
+// After a 401: ask once for a key (again if the one sent was refused); cancelling stops the asking.
+function askKey(refused) {
+  if (state.declined) return false;
+  const k = window.prompt(refused ? "The server refused that key. Key (an API key to view, an admin key to promote or roll back):"
+                                  : "This onspec server needs a key (an API key to view, an admin key to promote or roll back):");
+  if (!k || !k.trim()) { state.declined = true; return false; }
+  setKey(k.trim());
+  return true;
+}
+
+async function api(path, options = {}, retried = false) {
+  const sent = currentKey();
+  const headers = { ...(options.headers || {}) };
+  if (sent) headers.Authorization = `Bearer ${sent}`;
+  const resp = await fetch(path, { ...options, headers });
+  // Another call may have got a new key meanwhile: retry with it before asking.
+  if (resp.status === 401 && !retried && (currentKey() !== sent || askKey(Boolean(sent)))) {
+    return api(path, options, true);
+  }
   let body = null;
   try { body = await resp.json(); } catch (e) { body = null; }
   if (!resp.ok) {
@@ -82,14 +120,14 @@ function rollingRatio(points, key, num, den, t0, t1, rolling) {
 
 // Tokens per second in 60 bins: each point's tokens are spread evenly over the interval it sums ([t - dt, t]),
 // so the flush period never aliases with the bin width.
-function throughput(points, t0, t1) {
+function throughput(points, t0, t1, value = (p) => p.tokens, name = "all traffic") {
   const nb = 60, w = (t1 - t0) / nb, bins = new Array(nb).fill(0);
   let first = Infinity;
   for (const p of points) {
     const a = Math.max(p.t - p.dt, t0), z = Math.min(p.t, t1);
-    if (z <= a || !p.tokens) continue;
+    if (z <= a || !value(p)) continue;
     first = Math.min(first, a);
-    const rate = p.tokens / p.dt;
+    const rate = value(p) / p.dt;
     for (let i = Math.max(0, Math.floor((a - t0) / w)); i < nb && t0 + i * w < z; i++) {
       const lo = Math.max(a, t0 + i * w), hi = Math.min(z, t0 + (i + 1) * w);
       if (hi > lo) bins[i] += rate * (hi - lo);
@@ -97,7 +135,7 @@ function throughput(points, t0, t1) {
   }
   const pts = [];
   for (let i = 0; i < nb; i++) if (t0 + (i + 1) * w > first) pts.push([t0 + (i + 1) * w, bins[i] / w]);
-  return pts.length ? [{ name: "all traffic", pts, gap: Infinity }] : [];
+  return pts.length ? [{ name, pts, gap: Infinity }] : [];
 }
 
 // ---- the chart ----------------------------------------------------------------------------------------------
@@ -183,8 +221,15 @@ function renderCharts() {
   const events = data.events.filter((e) => e.at >= t0);
   const ratio = (v) => pct(v).replace(" %", "%");
   chart($("chart-acc-version"), {
-    series: rollingRatio(pts, (p) => p.version, (p) => p.accepted, (p) => p.drafted, t0, t1, rolling),
+    // The drafter model's own acceptance (suffix drafts are not the version's doing); older entries lack the split.
+    series: rollingRatio(pts, (p) => p.version, (p) => p.model_accepted ?? p.accepted,
+                         (p) => p.model_drafted ?? p.drafted, t0, t1, rolling),
     t0, t1, yMax: 1, yFmt: ratio, events,
+  });
+  chart($("chart-sources"), {
+    series: [...throughput(pts, t0, t1, (p) => p.model_accepted, "drafter model"),
+             ...throughput(pts, t0, t1, (p) => p.suffix_accepted, "suffix (text seen before)")],
+    t0, t1, yFmt: (v) => fixed(v, 1), events,
   });
   chart($("chart-acc-label"), {
     series: rollingRatio(pts, (p) => labelName(p.label), (p) => p.accepted, (p) => p.drafted, t0, t1, rolling),
@@ -418,6 +463,7 @@ function saveSettings() {
   history.replaceState(null, "", `#${params}`);
 }
 
+takeKeyFromHash();
 loadSettings();
 $("window").addEventListener("change", () => { saveSettings(); refresh(); });
 $("rolling").addEventListener("change", () => { saveSettings(); renderCharts(); });

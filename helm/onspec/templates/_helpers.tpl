@@ -93,6 +93,17 @@ onspec.io/member: {{ .Release.Name | quote }}
 {{- end -}}
 {{- end -}}
 
+{{- define "onspec.adminKeySecretName" -}}
+{{- if .Values.adminKey.existingSecret -}}
+{{- .Values.adminKey.existingSecret -}}
+{{- else if .Values.adminKey.create -}}
+{{- printf "%s-admin-keys" (include "onspec.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where the key Secrets are mounted in the Ray pods (the API reads them as server.api_key_file / admin_key_file). */}}
+{{- define "onspec.keysDir" -}}/etc/onspec/keys{{- end -}}
+
 {{- define "onspec.pvcName" -}}
 {{- default (printf "%s-data" (include "onspec.fullname" .)) .Values.persistence.existingClaim -}}
 {{- end -}}
@@ -102,6 +113,8 @@ onspec.io/member: {{ .Release.Name | quote }}
 {{- $cfg := deepCopy .Values.onspec -}}
 {{- $_ := set $cfg "data_dir" .Values.persistence.mountPath -}}
 {{- $server := merge (dict "host" "0.0.0.0" "port" 8000) (default dict $cfg.server) -}}
+{{- if include "onspec.apiKeySecretName" . }}{{ $_ := set $server "api_key_file" (printf "%s/api-keys" (include "onspec.keysDir" .)) }}{{ end -}}
+{{- if include "onspec.adminKeySecretName" . }}{{ $_ := set $server "admin_key_file" (printf "%s/admin-keys" (include "onspec.keysDir" .)) }}{{ end -}}
 {{- $_ := set $cfg "server" $server -}}
 {{- $redis := default dict $cfg.redis -}}
 {{- $_ := set $redis "url" (include "onspec.redisUrl" .) -}}
@@ -133,6 +146,11 @@ onspec.io/member: {{ .Release.Name | quote }}
   mountPath: /dev/shm
 - name: data
   mountPath: {{ .Values.persistence.mountPath }}
+{{- if or (include "onspec.apiKeySecretName" .) (include "onspec.adminKeySecretName" .) }}
+- name: keys
+  mountPath: {{ include "onspec.keysDir" . }}
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{- define "onspec.rayVolumes" -}}
@@ -148,6 +166,22 @@ onspec.io/member: {{ .Release.Name | quote }}
     claimName: {{ include "onspec.pvcName" . }}
 {{- else }}
   emptyDir: {}
+{{- end }}
+{{- if or (include "onspec.apiKeySecretName" .) (include "onspec.adminKeySecretName" .) }}
+- name: keys
+  projected:
+    defaultMode: 0440
+    sources:
+    {{- if include "onspec.apiKeySecretName" . }}
+      - secret:
+          name: {{ include "onspec.apiKeySecretName" . }}
+          items: [{key: {{ .Values.apiKey.existingSecretKey }}, path: api-keys}]
+    {{- end }}
+    {{- if include "onspec.adminKeySecretName" . }}
+      - secret:
+          name: {{ include "onspec.adminKeySecretName" . }}
+          items: [{key: {{ .Values.adminKey.existingSecretKey }}, path: admin-keys}]
+    {{- end }}
 {{- end }}
 {{- end -}}
 
