@@ -24,6 +24,7 @@ def _config(args) -> OnspecConfig:
         "data_dir": getattr(args, "data_dir", None),
         "drafter.checkpoint": getattr(args, "drafter_checkpoint", None),
         "speculation.source": (getattr(args, "drafter", None) or [None])[-1],
+        "drafter.kind": getattr(args, "drafter_kind", None),
         "drafter.layers": getattr(args, "layers", None),
         "drafter.vocab_keep": getattr(args, "vocab_keep", None),
         "speculation.mode": getattr(args, "mode", None),
@@ -438,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", type=Path, help="YAML config file (the OnspecConfig fields)")
         sp.add_argument("--data-dir", type=Path, help="converted models, corpora, checkpoints")
         sp.add_argument("--drafter-checkpoint", type=Path, help="drafter checkpoint directory (default: derived)")
+        sp.add_argument("--drafter-kind", choices=["truncated", "feature"],
+                        help="the derived drafter: the target's first layers (truncated) or one layer over the "
+                             "target's hidden state (feature, EAGLE)")
         sp.add_argument("--drafter", action="append", choices=["model", "suffix", "hybrid"],
                         help="draft source: the drafter model, text seen before (SuffixDecoding), or per round "
                              "whichever pays (default hybrid); bench decode runs each one given side by side")
