@@ -95,7 +95,9 @@ def derive_feature_drafter(target, layers: int, vocab_keep: int, counts: torch.T
     Measured on SmolLM2-135M (greedy teacher-forced top-1 agreement with the target on its own greedy text of
     the 9 packaged default prompts, 847 positions, vocab_keep 8192): "first" 0.064 (= the 1-layer truncated
     drafter), truncated 2-layer default 0.035; "last" with fc [0|I], [I|I] or [I|0]: 0.001 (a last layer fed
-    f_{i-1} re-predicts x_i, which the target already predicted there; fed emb(x_i) it is out of distribution)."""
+    f_{i-1} re-predicts x_i, which the target already predicted there; fed emb(x_i) it is out of distribution).
+    After 60 offline forward-KL steps (batch 4, lr 1e-3, the 96-sequence distill corpus): "first" 0.194, "last"
+    0.100, truncated 2-layer 0.197; after 150: "first" 0.234, truncated 2-layer 0.235."""
     vocab = target.config.vocab_size
     counts = default_token_counts(vocab) if counts is None else counts
     kept = select_kept_ids(counts, vocab_keep, always_keep)

@@ -189,7 +189,7 @@ def test_the_trainer_trains_a_feature_drafter_from_the_stream(client, tmp_path):
     _write_records(client, 12)
     # init "last" starts far from the tiny target ("first" already sits at its ceiling: 1/3 of the target's
     # choices are outside the 64 kept ids), so that learning shows.
-    tr = _feature_trainer(client, tmp_path, init="last", lr=3e-3)
+    tr = _feature_trainer(client, tmp_path, init="last", lr=3e-3, onpolicy_tokens=8)
     while tr.poll():
         pass
     batch = list(tr.fresh)[:4]
