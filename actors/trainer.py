@@ -254,6 +254,10 @@ def _init_process_group() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # One rank never all-reduces, so DeepSpeed's CPU shared-memory collective is dead weight: it is a C++ op
+    # JIT-compiled on first use (1-2 min), and a trainer killed mid-compile leaves a lock file on which every
+    # later trainer on that host waits forever. Marking it incompatible makes DeepSpeed skip the build.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
 
 
