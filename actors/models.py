@@ -63,7 +63,12 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
             del config.quantization_config
         config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, out)  # atomic: a half-written folder is never mistaken for a converted model
+        try:
+            os.replace(tmp, out)  # atomic: a half-written folder is never mistaken for a converted model
+        except OSError:
+            # Two processes converting at once (replicas starting together): the first rename wins.
+            if not (out / "model.safetensors").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
