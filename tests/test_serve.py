@@ -41,8 +41,9 @@ def cluster(tmp_path_factory):
         "server.port": free_port(), "server.max_body_bytes": 65536,
         "redis.dir": str(tmp_path_factory.mktemp("redis")), "redis.stream_key": "test:serve",
         "redis.flush_interval_s": 0.02, "redis.reconnect_backoff_s": 0.05,
-        # Fixed drafts: the base drafter is rejected in most rounds, so every request leaves records.
-        "speculation.mode": "fixed", "speculation.fixed_k": 3,
+        # Fixed drafts from the drafter model: the base drafter is rejected in most rounds, so every request
+        # leaves records (a suffix draft of an earlier answer to the same prompt would be accepted whole).
+        "speculation.mode": "fixed", "speculation.fixed_k": 3, "speculation.source": "model",
         # No trainer: these tests promote drafter versions themselves (tests/test_online.py runs one).
         "trainer.enabled": False, "registry.poll_interval_s": 0.2,
     })
