@@ -25,8 +25,8 @@ from transformers import DynamicCache
 from onspec.actors.suffix_index import SuffixDraft, SuffixIndex
 from onspec.cluster.config import OnspecConfig, SpeculationConfig, SuffixConfig
 from onspec.kernels.draft_length import (AdaEDLState, adaedl_should_stop, adaedl_update, best_draft_length)
-from onspec.kernels.sampling import entropy, is_greedy, logits_to_probs
-from onspec.kernels.verify import greedy_verify, rejection_verify
+from onspec.kernels.sampling import entropy, gumbel_argmax, is_greedy, logits_to_probs, position_gumbel
+from onspec.kernels.verify import coupled_verify, greedy_verify, rejection_verify
 from onspec.kernels.vocab_trim import to_full_logits
 
 SOURCES = ("model", "suffix", "none")
@@ -180,6 +180,9 @@ class _Sequence:
     prompt_len: int
     params: SamplingParams
     generator: torch.Generator | None
+    # A seeded sampled request draws each position's token from noise fixed by (seed, position): its output is
+    # then reproducible whatever was drafted, while drafting depends on state shared between requests.
+    noise_seed: int | None = None
     tcache: DynamicCache = field(default_factory=DynamicCache)
     dcache: DynamicCache = field(default_factory=DynamicCache)
     dlen: int = 0  # positions in the drafter's cache
@@ -358,7 +361,8 @@ class SpeculativeEngine:
         if not is_greedy(params.temperature):
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed if params.seed is not None else int(torch.seed() % (2**63)))
-        seq = _Sequence(tokens=list(prompt_ids), prompt_len=len(prompt_ids), params=params, generator=gen)
+        seq = _Sequence(tokens=list(prompt_ids), prompt_len=len(prompt_ids), params=params, generator=gen,
+                        noise_seed=params.seed if gen is not None else None)
         if speculate and self.spec.source != "model":
             seq.suffix = SuffixIndex(self.max_context, self.suffix_cfg.max_depth)
         self._seq = seq
@@ -451,7 +455,12 @@ class SpeculativeEngine:
         if is_greedy(p.temperature):
             return logits.argmax(-1)
         probs = logits_to_probs(logits, p.temperature, p.top_k, p.top_p)
+        if seq.noise_seed is not None:
+            return gumbel_argmax(probs, self._noise(seq, len(seq.tokens), 1)[0])
         return torch.multinomial(probs, 1, generator=seq.generator)[0]
+
+    def _noise(self, seq: _Sequence, start: int, n: int) -> torch.Tensor:
+        return position_gumbel(seq.noise_seed, range(start, start + n), self.vocab_size, self.device)
 
     def _target_forward(self, seq: _Sequence, x: torch.Tensor, last_only: bool = False) -> tuple[torch.Tensor,
                                                                                                     torch.Tensor]:
@@ -506,7 +515,10 @@ class SpeculativeEngine:
                 tok_dev = kept[q.argmax()]
             else:
                 q = logits_to_probs(to_full_logits(logits, kept, self.vocab_size), p.temperature, p.top_k, p.top_p)
-                tok_dev = torch.multinomial(q, 1, generator=seq.generator)[0]
+                if seq.noise_seed is not None:  # the noise the target will use at this position
+                    tok_dev = gumbel_argmax(q, self._noise(seq, len(seq.tokens) + len(drafts), 1)[0])
+                else:
+                    tok_dev = torch.multinomial(q, 1, generator=seq.generator)[0]
             tok, h = torch.stack([tok_dev.to(q.dtype), entropy(q)]).tolist()  # one sync for both
             if threshold is not None and adaedl_should_stop(h, self.spec.adaedl_gamma, threshold):
                 break
@@ -557,7 +569,10 @@ class SpeculativeEngine:
             n, nxt = greedy_verify(d, logits)
         else:
             probs = logits_to_probs(logits, seq.params.temperature, seq.params.top_k, seq.params.top_p)
-            n, nxt = rejection_verify(d, q if q is not None else probs[:0], probs, seq.generator)
+            if seq.noise_seed is not None:
+                n, nxt = coupled_verify(d, probs, self._noise(seq, old_len, k + 1))
+            else:
+                n, nxt = rejection_verify(d, q if q is not None else probs[:0], probs, seq.generator)
         n, nxt = torch.stack([n, nxt]).tolist()
 
         rollback(seq.tcache, old_len + n)

@@ -38,3 +38,22 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
     """Shannon entropy H = -sum_v p(v) log p(v) in nats over the last dimension (0 log 0 = 0)."""
     logp = torch.log(probs.clamp_min(1e-30))
     return -(probs * logp).sum(dim=-1)
+
+
+def position_gumbel(seed: int, positions: range, vocab: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Standard Gumbel noise G = -log(-log U), U ~ Uniform(0, 1), of shape [len(positions), vocab], each row a
+    pure function of (seed, position): the same request asks for the same position's noise however its
+    tokens were drafted, so a seeded output does not depend on the drafts (see ``coupled_verify``)."""
+    rows = []
+    for pos in positions:
+        g = torch.Generator(device=device)
+        g.manual_seed((seed * 1_000_003 + pos) % (2**63))
+        rows.append(torch.rand(vocab, generator=g, device=device))
+    u = torch.stack(rows) if rows else torch.empty(0, vocab, device=device)
+    return -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
+
+
+def gumbel_argmax(probs: torch.Tensor, gumbel: torch.Tensor) -> torch.Tensor:
+    """The Gumbel-max trick: argmax_v (log p(v) + G_v) is distributed as p for i.i.d. standard Gumbel G
+    (Gumbel 1954; Maddison et al. 2014, eq. 1). Tokens with p = 0 (cut by top-k / top-p) are never chosen."""
+    return (torch.log(probs) + gumbel).argmax(dim=-1)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from onspec.kernels.sampling import gumbel_argmax
+
 
 def greedy_verify(draft: torch.Tensor, target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy rule: accept x_i while x_i == argmax p_i; the next token is argmax p at the first mismatch
@@ -51,3 +53,22 @@ def rejection_verify(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
     # p == q at the rejected row has probability zero; guard the division anyway.
     dist = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p[n])
     return n, torch.multinomial(dist, 1, generator=generator)[0]
+
+
+def coupled_verify(draft: torch.Tensor, p: torch.Tensor, gumbel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling with noise fixed per position (seeded requests).
+
+    Each position's token is x*_i = argmax_v (log p_i(v) + G_i(v)), which is distributed as p_i (Gumbel-max
+    trick); accept x_i while x_i == x*_i and emit x*_n at the first mismatch (or the bonus row). Every emitted
+    token is the one the target alone would sample with the same noise, so a seeded output is identical token
+    for token to target-only decoding, whatever was drafted. The price: a drafter sampling with the same
+    noise is accepted with P(argmax(log q + G) == argmax(log p + G)) <= 1 - TV(p, q), the rejection rule's
+    rate; for a deterministic (one-hot) draft both rules accept with p(x).
+
+    draft: [k]; p: [k+1, V]; gumbel: [k+1, V] (``position_gumbel`` for the k+1 positions).
+    """
+    choice = gumbel_argmax(p, gumbel)                            # [k+1]
+    k = draft.shape[0]
+    match = (choice[:k] == draft).to(torch.int64)
+    n = torch.cumprod(match, dim=0).sum() if k else torch.zeros((), dtype=torch.int64, device=choice.device)
+    return n, choice[n]

@@ -38,16 +38,20 @@ def test_no_speculate_never_calls_the_drafter():
     assert not calls and g.stats.drafted == 0 and g.stats.target_forwards == 10
 
 
-def test_sampling_distribution_matches_target_alone():
-    """Two-token continuations sampled with and without speculation have the same distribution."""
+def test_sampling_distribution_matches_target_alone(monkeypatch):
+    """Two-token continuations sampled with and without speculation have the same distribution. Unseeded
+    requests, i.e. the rejection rule; torch.seed (where an unseeded request gets its generator's seed) counts
+    up instead, so that the run is reproducible."""
     eng = tiny_engine(drafter_layers=3, mode="fixed", fixed_k=2)
     runs = 1500
     params = dict(max_tokens=2, temperature=1.3, top_p=0.95)
 
     def histogram(speculate, offset):
         h = {}
+        seeds = iter(range(offset, offset + runs))
+        monkeypatch.setattr(torch, "seed", lambda: next(seeds))
         for i in range(runs):
-            ids = eng.generate([5, 9], SamplingParams(seed=offset + i, **params), speculate=speculate).token_ids
+            ids = eng.generate([5, 9], SamplingParams(**params), speculate=speculate).token_ids
             h[tuple(ids)] = h.get(tuple(ids), 0) + 1
         return h
 
@@ -57,6 +61,24 @@ def test_sampling_distribution_matches_target_alone():
     # Sampling noise alone gives a TVD around 0.05-0.08 for this support; a biased rule gives far more.
     assert tvd < 0.12, tvd
     assert eng.controller.alpha > 0  # drafts were really accepted along the way
+
+
+def test_seeded_sampling_is_the_target_alone_token_for_token():
+    """A seeded request's token at each position comes from noise fixed by (seed, position) (coupled_verify):
+    its output is target-only sampling with that seed whatever was drafted, from the model or from a shared
+    suffix index that meanwhile learnt the answer."""
+    eng = tiny_engine(drafter_layers=3, mode="fixed", fixed_k=3, source="hybrid")
+    params = dict(max_tokens=24, temperature=1.0, top_k=50)
+    prompt = [40, 41, 40, 41, 40]
+    model_accepted = suffix_accepted = 0
+    for seed in range(10):
+        alone = eng.generate(prompt, SamplingParams(seed=seed, **params), speculate=False).token_ids
+        first = eng.generate(prompt, SamplingParams(seed=seed, **params))
+        again = eng.generate(prompt, SamplingParams(seed=seed, **params))  # the index holds ``first`` by now
+        assert first.token_ids == alone == again.token_ids, seed
+        model_accepted += first.stats.sources["model"][2] + again.stats.sources["model"][2]
+        suffix_accepted += again.stats.sources["suffix"][2]
+    assert model_accepted > 0 and suffix_accepted > 0  # both kinds of draft were really judged
 
 
 def test_rollback_reuses_the_prefix_exactly():

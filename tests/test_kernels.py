@@ -84,6 +84,34 @@ def test_rejection_with_zero_drafts_samples_p():
     assert torch.allclose(counts / counts.sum(), P[0], atol=0.03)
 
 
+def test_coupled_verify_emits_the_noise_choice_whatever_was_drafted():
+    from onspec.kernels.sampling import gumbel_argmax, position_gumbel
+    from onspec.kernels.verify import coupled_verify
+
+    torch.manual_seed(0)
+    p = torch.softmax(torch.randn(5, 12), -1)
+    noise = position_gumbel(7, range(10, 15), 12)
+    assert torch.equal(noise, position_gumbel(7, range(10, 15), 12))  # a pure function of (seed, position)
+    assert torch.equal(noise[2:], position_gumbel(7, range(12, 15), 12))
+    want = gumbel_argmax(p, noise).tolist()
+    for draft in (want[:4], [(t + 1) % 12 for t in want[:4]], want[:2] + [(want[2] + 1) % 12, want[3]], []):
+        n, tok = coupled_verify(torch.tensor(draft, dtype=torch.long), p[:len(draft) + 1], noise[:len(draft) + 1])
+        emitted = draft[:int(n)] + [int(tok)]
+        assert emitted == want[:len(emitted)], draft
+    assert int(coupled_verify(torch.tensor(want[:4]), p, noise)[0]) == 4
+
+
+def test_gumbel_max_with_position_noise_samples_p():
+    from onspec.kernels.sampling import gumbel_argmax, position_gumbel
+
+    p = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05])  # a zero: a token cut by top-k/top-p is never chosen
+    counts = torch.zeros(5)
+    for seed in range(6000):
+        counts[int(gumbel_argmax(p, position_gumbel(seed, range(3, 4), 5)[0]))] += 1
+    assert counts[1] == 0
+    assert torch.allclose(counts / counts.sum(), p, atol=0.025), counts / counts.sum()
+
+
 def test_logits_to_probs_temperature_topk_topp():
     logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1]))
     assert torch.allclose(logits_to_probs(logits, 1.0), torch.tensor([0.4, 0.3, 0.2, 0.1]), atol=1e-6)
