@@ -1,3 +1,4 @@
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -5,6 +6,29 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO / ".onspec-data"  # converted real model is cached here between runs
+
+
+def pytest_collection_finish(session):
+    """The chart tools (helm, checkov, kubernetes-validate: ~1.5 min to install on a fresh clone, mostly pip
+    waiting on downloads) install in the background while the tests before tests/test_helm.py run; its
+    ``helm`` fixture waits for them (``tools_fetch``)."""
+    if any(item.fspath.basename == "test_helm.py" for item in session.items):
+        session.config.stash[TOOLS_FETCH] = subprocess.Popen(
+            ["nice", "-n", "10", "bash", str(REPO / "scripts" / "fetch_helm.sh")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+TOOLS_FETCH = pytest.StashKey[subprocess.Popen]()
+
+
+def tools_fetch(config) -> tuple[int, str, str]:
+    """(returncode, stdout, stderr) of scripts/fetch_helm.sh: the background run's, else a run now."""
+    proc = config.stash.get(TOOLS_FETCH, None)
+    if proc is None:
+        proc = subprocess.Popen(["bash", str(REPO / "scripts" / "fetch_helm.sh")], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=900)
+    return proc.returncode, out, err
 
 
 class WordTokenizer:

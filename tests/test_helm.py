@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from onspec.cluster.config import OnspecConfig
+from tests.conftest import tools_fetch
 from onspec.cluster.kuberay import (chart_values_defaults, chart_values_schema, resolve_config, trainer_options,
                                     with_password, wants_trainer, KubeRayConfigError)
 
@@ -23,11 +24,11 @@ NONDEFAULT = CHART / "ci" / "nondefault-values.yaml"
 
 
 @pytest.fixture(scope="module")
-def helm() -> str:
-    r = subprocess.run([str(ROOT / "scripts" / "fetch_helm.sh")], capture_output=True, text=True, timeout=900)
-    if r.returncode != 0:
-        pytest.skip(f"cannot fetch helm/checkov/kubernetes-validate (scripts/fetch_helm.sh): {r.stderr[-500:]}")
-    return r.stdout.strip().splitlines()[-1]
+def helm(request) -> str:
+    rc, out, err = tools_fetch(request.config)  # started in the background when the session began
+    if rc != 0:
+        pytest.skip(f"cannot fetch helm/checkov/kubernetes-validate (scripts/fetch_helm.sh): {err[-500:]}")
+    return out.strip().splitlines()[-1]
 
 
 def template(helm: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
