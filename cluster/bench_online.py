@@ -99,6 +99,9 @@ def measure(engine, specs: list[PromptSpec], max_tokens: int, accept_k: int) -> 
     return {"acceptance": round(accepted / drafted, 4) if drafted else 0.0, "speedup": speed["speedup"],
             "spec_tokens_per_s": speed["spec_tokens_per_s"], "target_tokens_per_s": speed["target_tokens_per_s"],
             "identical": speed["identical"], "policy_acceptance": speed["acceptance_rate"],
+            "tokens_per_step": speed.get("tokens_per_step"),
+            "drafter_cost_per_token_ms": speed.get("drafter_cost_per_token_ms"),
+            "drafter_cost_ratio": speed.get("drafter_cost_ratio"), "drafter_kind": getattr(engine.drafter, "kind", None),
             "drafter_version": getattr(engine.drafter, "version", None)}
 
 
