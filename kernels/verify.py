@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from onspec.kernels.sampling import gumbel_argmax
-
 
 def greedy_verify(draft: torch.Tensor, target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy rule: accept x_i while x_i == argmax p_i; the next token is argmax p at the first mismatch
@@ -67,8 +65,5 @@ def coupled_verify(draft: torch.Tensor, p: torch.Tensor, gumbel: torch.Tensor) -
 
     draft: [k]; p: [k+1, V]; gumbel: [k+1, V] (``position_gumbel`` for the k+1 positions).
     """
-    choice = gumbel_argmax(p, gumbel)                            # [k+1]
-    k = draft.shape[0]
-    match = (choice[:k] == draft).to(torch.int64)
-    n = torch.cumprod(match, dim=0).sum() if k else torch.zeros((), dtype=torch.int64, device=choice.device)
-    return n, choice[n]
+    # The greedy rule over the perturbed scores log p + G (whose argmax is gumbel_argmax's choice).
+    return greedy_verify(draft, torch.log(p) + gumbel)

