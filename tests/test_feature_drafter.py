@@ -186,10 +186,12 @@ def _feature_trainer(client, tmp_path, init="first", **trainer):
 
 
 def test_the_trainer_trains_a_feature_drafter_from_the_stream(client, tmp_path):
-    _write_records(client, 12)
+    # 24 records at 30% held back: the split hangs on stream ids (time), and with 12 at 20% one run in 15 held
+    # none back, so the gate had nothing to judge (0.7^24: one in 5,000).
+    _write_records(client, 24)
     # init "last" starts far from the tiny target ("first" already sits at its ceiling: 1/3 of the target's
     # choices are outside the 64 kept ids), so that learning shows.
-    tr = _feature_trainer(client, tmp_path, init="last", lr=3e-3, onpolicy_tokens=8)
+    tr = _feature_trainer(client, tmp_path, init="last", lr=3e-3, onpolicy_tokens=8, holdout_percent=30)
     while tr.poll():
         pass
     batch = list(tr.fresh)[:4]
