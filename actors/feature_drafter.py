@@ -24,7 +24,7 @@ import copy
 import torch
 from torch import nn
 
-from onspec.actors.models import default_token_counts
+from onspec.actors.models import base_version, default_token_counts
 from onspec.actors.skinny_linear import use_skinny_linear
 from onspec.kernels.vocab_trim import select_kept_ids
 
@@ -120,7 +120,7 @@ def derive_feature_drafter(target, layers: int, vocab_keep: int, counts: torch.T
         drafter.fc.weight.copy_(torch.cat([eye, zero] if init == "first" else [zero, eye / scale], dim=1))
         drafter.fc.bias.zero_()
         drafter.head.weight.copy_(target.get_output_embeddings().weight[kept])
-    drafter.version = "base-feature"
+    drafter.version = base_version("feature")
     param = next(target.parameters())
     return drafter.to(device=param.device, dtype=param.dtype).eval()
 

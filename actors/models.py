@@ -158,6 +158,12 @@ class Drafter(nn.Module):
                 "hidden_size": self.head.in_features, "full_vocab": self.full_vocab}
 
 
+def base_version(kind: str) -> str:
+    """The registry version of a derived, untrained drafter. Each kind has its own, so that a registry that
+    served one kind can still roll back to the other's starting point after the configured kind changes."""
+    return "base" if kind == "truncated" else f"base-{kind}"
+
+
 def derive_drafter(target, layers: int, vocab_keep: int, counts: torch.Tensor | None = None,
                    always_keep: tuple[int, ...] = ()) -> Drafter:
     """The default drafter: the target's first ``layers`` layers and final norm, plus a VocabTrim head whose
@@ -172,7 +178,7 @@ def derive_drafter(target, layers: int, vocab_keep: int, counts: torch.Tensor | 
             drafter.body.layers[i].load_state_dict(src.layers[i].state_dict())
         drafter.body.norm.load_state_dict(src.norm.state_dict())
         drafter.head.weight.copy_(target.get_output_embeddings().weight[kept])
-    drafter.version = "base"
+    drafter.version = base_version("truncated")
     param = next(target.parameters())
     return drafter.to(device=param.device, dtype=param.dtype).eval()
 

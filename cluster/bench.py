@@ -8,19 +8,37 @@ from onspec.cluster.prompts import PromptSpec
 from onspec.kernels.draft_length import best_draft_length
 
 
-def _mode_state(engine: SpeculativeEngine, source: str) -> dict:
-    """What one decoding mode keeps to itself in a side-by-side run: its draft-length controller (acceptance
-    estimate), the suffix index (fed only with this mode's own earlier outputs, so every mode sees the same
-    history) and the suffix source's calibration."""
+def _mode_state(engine: SpeculativeEngine, source: str, drafter=None, draft_cost: float | None = None) -> dict:
+    """What one decoding mode keeps to itself in a side-by-side run: its drafter and that drafter's measured
+    cost, its draft-length controller (acceptance estimate), the suffix index (fed only with this mode's own
+    earlier outputs, so every mode sees the same history) and the suffix source's calibration."""
     ctl = DraftController(engine.spec)
-    ctl.verify_cost, ctl.draft_cost = list(engine.controller.verify_cost), engine.controller.draft_cost
+    ctl.verify_cost = list(engine.controller.verify_cost)
+    ctl.draft_cost = engine.controller.draft_cost if draft_cost is None else draft_cost
     return {"spec": engine.spec.model_copy(update={"source": source}), "controller": ctl, "trust": 1.0,
+            "drafter": engine.drafter if drafter is None else drafter,
             "index": copy.deepcopy(engine.suffix_index)}  # the history the engine had when the run began
+
+
+def _drafter_cost(engine: SpeculativeEngine, drafter) -> float:
+    """``drafter``'s cost per token as the engine's calibration measures it (the engine's own drafter is put
+    back afterwards, its measured costs with it)."""
+    own, ctl = engine.drafter, engine.controller
+    saved = list(ctl.verify_cost), ctl.draft_cost
+    engine.drafter = drafter
+    try:
+        engine.calibrate()
+        return engine.controller.draft_cost
+    finally:
+        engine.drafter = own
+        ctl.verify_cost, ctl.draft_cost = saved
 
 
 def _run_mode(engine: SpeculativeEngine, state: dict, ids: list[int], params: SamplingParams):
     engine.spec, engine.controller, engine.suffix_index = state["spec"], state["controller"], state["index"]
     engine.suffix_trust = state["trust"]
+    # Assigned, not set_drafter: that would reset this mode's own acceptance estimate.
+    engine.drafter = state["drafter"]
     g = engine.generate(ids, params, speculate=True)
     state["trust"] = engine.suffix_trust
     return g
@@ -45,42 +63,53 @@ def _hf_generate(engine: SpeculativeEngine, ids: list[int], max_tokens: int, loo
 
 
 def bench_decode(engine: SpeculativeEngine, specs: list[PromptSpec], max_tokens: int, repeats: int = 1,
-                 sources: tuple[str, ...] | None = None, prompt_lookup: int = 0, log=lambda *_: None) -> dict:
+                 sources: tuple[str, ...] | None = None, prompt_lookup: int = 0, log=lambda *_: None,
+                 drafters: dict | None = None) -> dict:
     """Target-only and speculative decoding with each draft source, interleaved prompt by prompt (so drift in
     machine load hits all alike), after one excluded warm-up of each. Greedy, so every speculative output must
     equal the target's token for token. With ``prompt_lookup`` > 0, transformers' generate with
-    prompt-lookup decoding (that many tokens) and without it run on the same prompts too.
+    prompt-lookup decoding (that many tokens) and without it run on the same prompts too. ``drafters``
+    ({name: drafter}, e.g. the other kind, or checkpoints trained as long) run in the same interleaving with
+    the first source, each with its own measured cost, in place of the engine's drafter.
 
-    The top-level figures are those of the first source; ``sources`` holds every source's."""
+    The top-level figures are those of the first source with the engine's drafter; ``sources`` holds every
+    source's, ``drafters`` every extra drafter's."""
     sources = tuple(sources or (engine.spec.source,))
+    drafters = dict(drafters or {})
+    clash = set(drafters) & {"target", *sources}
+    if clash:
+        raise ValueError(f"drafter names {sorted(clash)} clash with the draft sources'")
     prompts = [engine.encode(s.prompt, s.messages) for s in specs]
     for ids in prompts:
         engine.check_prompt(ids)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    saved = engine.spec, engine.controller, engine.suffix_index, engine.suffix_trust
+    saved = engine.spec, engine.controller, engine.suffix_index, engine.suffix_trust, engine.drafter
     if engine.spec.cost_aware and engine.spec.mode == "adaedl":
         engine.spec = engine.spec.model_copy(update={"source": "hybrid"})  # measures the suffix lengths too
         engine.calibrate()
     states = {src: _mode_state(engine, src) for src in sources}
+    states.update({name: _mode_state(engine, sources[0], d, _drafter_cost(engine, d)) for name, d in drafters.items()})
+    modes_run = (*sources, *drafters)
     warm = SamplingParams(max_tokens=8)
     engine.generate(prompts[0], warm, speculate=False)
-    for src in sources:
-        _run_mode(engine, _mode_state(engine, src), prompts[0], warm)
+    for name, st in states.items():  # on throwaway copies: the measured runs start from the same state
+        _run_mode(engine, _mode_state(engine, st["spec"].source, st["drafter"], st["controller"].draft_cost),
+                  prompts[0], warm)
     if prompt_lookup:
         _hf_generate(engine, prompts[0], 8, None)
         _hf_generate(engine, prompts[0], 8, prompt_lookup)
     keys = ("tokens", "seconds", "drafted", "accepted", "forwards")
-    totals = {m: dict.fromkeys(keys, 0) for m in ("target", *sources)}
-    by_source = {src: {s: [0, 0, 0] for s in ("model", "suffix", "none")} for src in sources}
+    totals = {m: dict.fromkeys(keys, 0) for m in ("target", *modes_run)}
+    by_source = {src: {s: [0, 0, 0] for s in ("model", "suffix", "none")} for src in modes_run}
     hf = {"plain": [0, 0.0], "lookup": [0, 0.0]}
-    identical = {src: True for src in sources}
+    identical = {src: True for src in modes_run}
     hf_identical = True
     per_prompt = []
     try:
         for _ in range(repeats):
             for spec, ids in zip(specs, prompts):
                 runs = {"target": engine.generate(ids, params, speculate=False)}
-                for src in sources:
+                for src in modes_run:
                     runs[src] = _run_mode(engine, states[src], ids, params)
                     for s, v in runs[src].stats.sources.items():
                         by_source[src][s] = [a + b for a, b in zip(by_source[src][s], v)]
@@ -90,7 +119,7 @@ def bench_decode(engine: SpeculativeEngine, specs: list[PromptSpec], max_tokens:
                                                g.stats.accepted, g.stats.target_forwards)):
                         tot[key] += val
                 row = {"id": spec.id, "target_tokens_per_s": round(runs["target"].stats.tokens_per_s, 3)}
-                for src in sources:
+                for src in modes_run:
                     same = runs[src].token_ids == runs["target"].token_ids
                     identical[src] &= same
                     row[src] = {"tokens_per_s": round(runs[src].stats.tokens_per_s, 3),
@@ -106,12 +135,12 @@ def bench_decode(engine: SpeculativeEngine, specs: list[PromptSpec], max_tokens:
                 per_prompt.append(row)
                 log(row)
     finally:
-        engine.spec, engine.controller, engine.suffix_index, engine.suffix_trust = saved
+        engine.spec, engine.controller, engine.suffix_index, engine.suffix_trust, engine.drafter = saved
     t = totals["target"]
     t_tps = t["tokens"] / t["seconds"]
     ctl = states[sources[0]]["controller"]
     modes = {}
-    for src in sources:
+    for src in modes_run:
         s = totals[src]
         s_tps = s["tokens"] / s["seconds"]
         modes[src] = {"tokens_per_s": round(s_tps, 3), "speedup": round(s_tps / t_tps, 4),
@@ -133,13 +162,21 @@ def bench_decode(engine: SpeculativeEngine, specs: list[PromptSpec], max_tokens:
         "drafted": first["drafted"],
         "accepted": first["accepted"],
         "drafter_version": getattr(engine.drafter, "version", None),
+        "drafter_kind": getattr(engine.drafter, "kind", None),
         "drafter_cost_per_token_ms": round(ctl.draft_cost * 1000, 2),
         "target_forward_ms": [round(c * 1000, 1) for c in ctl.verify_cost],
         "drafter_cost_ratio": round(ctl.draft_cost / ctl.verify_cost[0], 4),
         "predicted_speedup": round(predicted, 4),
-        "sources": modes,
+        "sources": {src: modes[src] for src in sources},
         "prompts": per_prompt,
     }
+    if drafters:
+        result["drafters"] = {name: {**modes[name], "source": sources[0], "kind": getattr(d, "kind", None),
+                                     "drafter_version": getattr(d, "version", None),
+                                     "drafter_cost_per_token_ms": round(states[name]["controller"].draft_cost * 1000, 2),
+                                     "drafter_cost_ratio": round(states[name]["controller"].draft_cost
+                                                                 / ctl.verify_cost[0], 4)}
+                              for name, d in drafters.items()}
     if prompt_lookup:
         plain, look = hf["plain"][0] / hf["plain"][1], hf["lookup"][0] / hf["lookup"][1]
         result["prompt_lookup"] = {"num_tokens": prompt_lookup, "hf_tokens_per_s": round(plain, 3),

@@ -76,8 +76,9 @@ def cmd_bench_decode(args) -> int:
     engine = _engine(_config(args))
     log = (lambda row: print(json.dumps(row), file=sys.stderr, flush=True)) if not args.json else (lambda *_: None)
     sources = tuple(dict.fromkeys(args.drafter or [engine.spec.source]))
+    drafters = _compare_drafters(args.compare_drafter or [], engine, _config(args))
     result = bench_decode(engine, specs, args.max_tokens, repeats=args.repeats, sources=sources,
-                          prompt_lookup=args.prompt_lookup, log=log)
+                          prompt_lookup=args.prompt_lookup, log=log, drafters=drafters)
     if args.json:
         print(json.dumps(result))
     else:
@@ -86,7 +87,33 @@ def cmd_bench_decode(args) -> int:
                 print(f"{k:28s} {v}")
         for src, figures in result["sources"].items():
             print(f"{'source ' + src:28s} {json.dumps(figures)}")
+        for name, figures in result.get("drafters", {}).items():
+            print(f"{'drafter ' + name:28s} {json.dumps(figures)}")
     return 0
+
+
+def _compare_drafters(specs: list[str], engine, cfg: OnspecConfig) -> dict:
+    """``--compare-drafter`` values as {name: drafter}: a kind ("truncated", "feature": derived from the target,
+    as configured) or a drafter checkpoint directory (named by its version)."""
+    from onspec.actors.checkpoint import CheckpointError, load_checkpoint
+    from onspec.actors.models import make_drafter
+
+    out = {}
+    for spec in specs:
+        if spec in ("truncated", "feature"):
+            d = make_drafter(engine.target, cfg.drafter.model_copy(update={"kind": spec}),
+                             always_keep=tuple(sorted(engine.stop_ids)))
+            name = spec
+        else:
+            try:
+                d, manifest = load_checkpoint(Path(spec), engine.target)
+            except (CheckpointError, OSError) as e:
+                raise CLIError(f"--compare-drafter {spec}: {e}") from None
+            name = f"{manifest.get('version') or Path(spec).name}"
+        if name in out:
+            name = f"{name}@{len(out)}"
+        out[name] = d
+    return out
 
 
 def cmd_bench_forward(args) -> int:
@@ -441,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--drafter-checkpoint", type=Path, help="drafter checkpoint directory (default: derived)")
         sp.add_argument("--drafter-kind", choices=["truncated", "feature"],
                         help="the derived drafter: the target's first layers (truncated) or one layer over the "
-                             "target's hidden state (feature, EAGLE)")
+                             "target's hidden state (feature, EAGLE; the default)")
         sp.add_argument("--drafter", action="append", choices=["model", "suffix", "hybrid"],
                         help="draft source: the drafter model, text seen before (SuffixDecoding), or per round "
                              "whichever pays (default hybrid); bench decode runs each one given side by side")
@@ -467,6 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--prompts-file", type=Path)
     bd.add_argument("--max-tokens", type=int, default=128)
     bd.add_argument("--repeats", type=int, default=1)
+    bd.add_argument("--compare-drafter", action="append", metavar="KIND|CHECKPOINT",
+                    help="also run this drafter side by side (repeatable): a kind, truncated or feature, derived "
+                         "from the target, or a drafter checkpoint directory, e.g. two kinds' versions after the "
+                         "same minutes of `bench online`")
     bd.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
                     help="also run transformers' generate with prompt-lookup decoding (N tokens) and without, "
                          "on the same prompts")

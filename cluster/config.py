@@ -89,13 +89,14 @@ class ModelConfig(_Strict):
 
 
 class DrafterConfig(_Strict):
-    """The drafter: a checkpoint directory, or derived from the target (its first layers, final norm and a
-    VocabTrim head)."""
+    """The drafter: a checkpoint directory, or derived from the target: by default (kind "feature", EAGLE) one
+    decoder layer over the target's last hidden state and the token, else (kind "truncated") the target's first
+    layers; either with the target's final norm and a VocabTrim head. BENCHMARKS.md compares the two."""
     checkpoint: Optional[Path] = None
     layers: int = Field(2, ge=1, le=16)
     vocab_keep: int = Field(8192, ge=256, description="VocabTrim: rows kept in the drafter's head")
     kind: Literal["truncated", "feature"] = Field(
-        "truncated", description="truncated: the target's first `layers` layers; feature (EAGLE): "
+        "feature", description="truncated: the target's first `layers` layers; feature (EAGLE): "
                                  "`feature_layers` decoder layers over the target's last hidden state and the token")
     feature_layers: int = Field(1, ge=1, le=8, description="decoder layers of a feature drafter")
 

@@ -42,15 +42,33 @@ def test_generate_json_and_no_speculate_agree(prompts_file):
 
 
 @pytest.mark.real_model
-def test_bench_decode_json(tmp_path, prompts_file):
-    r = onspec("bench", "decode", "--prompts-file", str(prompts_file), "--max-tokens", "8", "--json")
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+def test_bench_decode_json(tmp_path, prompts_file, real_engine, capsys):
+    """Side by side in one run: the target alone, the default drafter, the other kind derived, and a saved
+    checkpoint (as `bench online` leaves them); every speculative output the target's own. In this process:
+    the real model is loaded once more, but none of a subprocess's imports."""
+    from onspec.actors.checkpoint import save_checkpoint
+    from onspec.actors.models import make_drafter
+    from onspec.cluster.config import DrafterConfig
+
+    saved = make_drafter(real_engine.target, DrafterConfig(kind="feature"))
+    save_checkpoint(saved, tmp_path / "f1", version="f1", parent="base-feature")
+    argv = ["bench", "decode", "--prompts-file", str(prompts_file), "--max-tokens", "8", "--json", "--drafter",
+            "model", "--mode", "fixed", "--data-dir", str(DATA_DIR)]
+    assert main(argv + ["--compare-drafter", "truncated", "--compare-drafter", str(tmp_path / "f1")]) == 0
+    out = json.loads(capsys.readouterr().out)
     for key in ("target_tokens_per_s", "spec_tokens_per_s", "speedup", "acceptance_rate", "tokens_per_step",
-                "identical"):
+                "identical", "drafter_cost_per_token_ms"):
         assert key in out
-    assert out["identical"] is True
+    assert out["identical"] is True and out["drafter_kind"] == "feature"
     assert out["target_tokens_per_s"] > 0 and out["spec_tokens_per_s"] > 0
+    assert set(out["drafters"]) == {"truncated", "f1"}
+    assert (out["drafters"]["truncated"]["kind"], out["drafters"]["f1"]["kind"]) == ("truncated", "feature")
+    for figures in out["drafters"].values():
+        assert figures["identical"] is True and figures["drafted"] > 0 and figures["drafter_cost_per_token_ms"] > 0
+    assert [set(row) >= {"model", "truncated", "f1"} for row in out["prompts"]] == [True, True]
+
+    assert main(argv + ["--compare-drafter", str(tmp_path / "nothing")]) == 2
+    assert "--compare-drafter" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content,needle", [

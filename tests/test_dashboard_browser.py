@@ -97,15 +97,16 @@ def browser():
 
 @pytest.fixture()
 def server(tmp_path, real_engine):
-    """The app at a URL. Two real drafter versions: ``base``, the engine's own (first 2 layers; rarely
-    accepted), serving; and candidate ``v1``, the target itself run as a drafter (accepted nearly always, and
+    """The app at a URL. Two real drafter versions: the engine's own derived one (the default kind's base
+    version; rarely accepted), serving; and candidate ``v1``, the target itself run as a drafter (accepted nearly always, and
     no faster: an upper bound that makes promotions and rollbacks plain to see)."""
     redis_server = RedisServer(tmp_path / "redis").start()
     reg = DrafterRegistry.from_url(redis_server.url, tmp_path / "data", PREFIX)
     original, mode = real_engine.drafter, real_engine.spec.mode
-    reg.ensure_registered(original)
+    base = reg.ensure_registered(original)
     t = real_engine.target
-    reg.register(derive_drafter(t, t.config.num_hidden_layers, t.config.vocab_size), parent="base",
+    # v1 is of the truncated kind whatever the default: a swap across kinds and back.
+    reg.register(derive_drafter(t, t.config.num_hidden_layers, t.config.vocab_size), parent=base,
                  version="v1")
     # Fixed-length drafts: the cost model would (rightly) never draft with a drafter as slow as the target.
     real_engine.spec.mode = "fixed"
@@ -118,7 +119,7 @@ def server(tmp_path, real_engine):
         app = create_app(cfg, ReplicaBackend(replica), registry=reg,
                          history=History(lambda: reg.r, key=HISTORY_KEY, interval_s=1.0))
         with serving(app) as url:
-            yield url, reg
+            yield url, reg, base
     finally:
         replica.close()
         real_engine.apply_pending_swap()
@@ -165,7 +166,7 @@ def click_and_confirm(page, selector: str) -> None:
 
 
 def test_dashboard_after_real_traffic_a_promotion_and_a_rollback(server, browser, tmp_path):
-    url, reg = server
+    url, reg, base = server
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -173,7 +174,7 @@ def test_dashboard_after_real_traffic_a_promotion_and_a_rollback(server, browser
     for label, body in REQUESTS[:2]:
         generate(url, label, body)
     wait_js(page, has_points("chart-acc-version"))
-    assert page.inner_text("#serving") == "base"
+    assert page.inner_text("#serving") == base
 
     # Promote v1 from its row in the registry table; the replica follows, and so does the page.
     click_and_confirm(page, "#registry tr[data-version='v1'] button.promote")
@@ -192,15 +193,15 @@ def test_dashboard_after_real_traffic_a_promotion_and_a_rollback(server, browser
     assert page.input_value("#window") == "300" and page.input_value("#rolling") == "60"  # kept in the URL
 
     click_and_confirm(page, "#rollback")
-    wait_js(page, "document.querySelector('#serving').textContent === 'base'")
-    assert "base is now serving (was v1)" in page.inner_text("#message")
-    assert reg.serving() == "base" and reg.history()[-1]["action"] == "rollback"
+    wait_js(page, f"document.querySelector('#serving').textContent === '{base}'")
+    assert f"{base} is now serving (was v1)" in page.inner_text("#message")
+    assert reg.serving() == base and reg.history()[-1]["action"] == "rollback"
     assert page.locator("#registry tr[data-version='v1'] .status").inner_text() == "retired"
-    wait_js(page, replica_serves("base"))
-    assert generate(url, "chat", REQUESTS[0][1]).json()["usage"]["drafter_version"] == "base"
+    wait_js(page, replica_serves(base))
+    assert generate(url, "chat", REQUESTS[0][1]).json()["usage"]["drafter_version"] == base
     wait_js(page, "document.querySelectorAll('#chart-acc-version g.ev.rollback').length === 1")
     acc = acceptance(url)
-    assert acc["v1"] > 0.9 and acc["v1"] > acc["base"], acc  # the target as its own drafter
+    assert acc["v1"] > 0.9 and acc["v1"] > acc[base], acc  # the target as its own drafter
     assert not errors, errors
     wait_js(page, "document.querySelector('#summary .tile .v').textContent === '5'")  # the last request is in
     shot = tmp_path / SCREENSHOT.name

@@ -118,7 +118,7 @@ def test_derivation_first_is_the_truncated_drafter_and_last_reads_the_feature(ta
 def test_make_drafter_builds_the_configured_kind(target):
     d = make_drafter(target, DrafterConfig(kind="feature", feature_layers=2, vocab_keep=256), counts=_counts(target))
     assert isinstance(d, FeatureDrafter) and d.layers == 2
-    t = make_drafter(target, DrafterConfig(layers=3, vocab_keep=256), counts=_counts(target))
+    t = make_drafter(target, DrafterConfig(kind="truncated", layers=3, vocab_keep=256), counts=_counts(target))
     assert isinstance(t, Drafter) and t.kind == "truncated" and t.layers == 3
 
 

@@ -66,19 +66,24 @@ def test_greedy_identity_strong_drafter(real_engine, prompts, references, deep_d
 
 def test_default_drafter_shares_tokenizer_and_trims_vocab(real_engine):
     d = real_engine.drafter
+    assert d.kind == "feature" and d.layers == 1  # the default kind (BENCHMARKS.md: "which should be the default")
     assert d.full_vocab == real_engine.target.config.vocab_size
     assert d.kept_ids.numel() == 8192
     assert set(real_engine.stop_ids) <= set(d.kept_ids.tolist())
     assert d.body.embed_tokens is real_engine.target.get_input_embeddings()
 
 
-def test_greedy_identity_feature_drafter(real_engine, prompts, references):
-    """The EAGLE-style drafter reads the target's hidden states from the verification forwards (and its own
-    predicted ones when drafting ahead): outputs stay the target's, token for token."""
+def test_greedy_identity_other_drafter_kind(real_engine, prompts, references):
+    """Both kinds behind one engine: the default (feature, EAGLE-style: it reads the target's hidden states
+    from the verification forwards, and its own predicted ones when drafting ahead) runs in the tests above;
+    here the other one. Outputs stay the target's, token for token."""
     from onspec.actors.feature_drafter import derive_feature_drafter
+    from onspec.actors.models import derive_drafter
 
     default = real_engine.drafter
-    real_engine.set_drafter(derive_feature_drafter(real_engine.target, 1, 8192))
+    other = derive_drafter if default.kind == "feature" else derive_feature_drafter
+    real_engine.set_drafter(other(real_engine.target, 2 if default.kind == "feature" else 1, 8192))
+    assert real_engine.drafter.kind != default.kind
     try:
         drafted, accepted = _check(real_engine, prompts, references, "fixed", 40)
     finally:

@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from onspec.actors.engine import SamplingParams
+from onspec.actors.models import base_version
 from onspec.actors.stream_logger import SCHEMA_VERSION, decode_record
 from onspec.cluster.config import OnspecConfig
 from onspec.cluster.redis_server import free_port
@@ -16,6 +17,7 @@ from tests.conftest import DATA_DIR
 
 pytestmark = pytest.mark.real_model
 MODEL = "SmolLM2-135M-Instruct"
+BASE = base_version(OnspecConfig().drafter.kind)  # what the cluster's replica starts with: the default kind
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "Name a fruit."}]
 
@@ -97,7 +99,7 @@ def test_completion_matches_generate(client, expected):
     assert res.choices[0].finish_reason == "length"
     u = res.usage.model_dump()
     assert u["completion_tokens"] == 10 and u["total_tokens"] == u["prompt_tokens"] + 10
-    assert u["drafter_version"] == "base" and u["drafted_tokens"] > 0
+    assert u["drafter_version"] == BASE and u["drafted_tokens"] > 0
     assert 0 <= u["accepted_tokens"] <= u["drafted_tokens"] and 0 <= u["acceptance_rate"] <= 1
 
 
@@ -177,7 +179,7 @@ def test_records_in_the_stream_follow_the_schema(cluster, client):
     recs = _wait(lambda: [r for r in _stream_records(cluster) if r["label"] == "math"])
     assert recs, "no record with label 'math' reached Redis"
     r = recs[0]
-    assert r["schema_version"] == SCHEMA_VERSION and r["drafter_version"] == "base" and r["request_id"]
+    assert r["schema_version"] == SCHEMA_VERSION and r["drafter_version"] == BASE and r["request_id"]
     assert 0 < len(r["context"]) <= cluster.cfg.stream.context_window
     assert 0 <= r["rejected_pos"] < len(r["drafts"]) <= 3
     assert len(r["topk_ids"]) == len(r["topk_logprobs"]) == cluster.cfg.stream.topk
@@ -251,19 +253,17 @@ def test_hot_swap_under_load_keeps_every_greedy_output_identical(cluster, real_e
 
     import torch
 
-    from onspec.actors.models import derive_drafter
+    from onspec.actors.models import derive_drafter, make_drafter, stop_token_ids
     from onspec.actors.registry import DrafterRegistry
 
     registry = DrafterRegistry.from_url(cluster.cfg.redis.url, cluster.cfg.data_dir, cluster.cfg.registry.prefix)
     target = real_engine.target
-    from onspec.actors.models import stop_token_ids
-
-    base = derive_drafter(target, 2, 8192, always_keep=tuple(stop_token_ids(target, real_engine.tokenizer)))
-    registry.ensure_registered(base)  # "base", what the replica started with
+    base = make_drafter(target, cluster.cfg.drafter, always_keep=tuple(stop_token_ids(target, real_engine.tokenizer)))
+    assert registry.ensure_registered(base) == BASE  # what the replica started with
     deep = derive_drafter(target, 6, 8192)
-    with torch.no_grad():  # a different drafter: another depth, and a head that disagrees more often
-        deep.head.weight.mul_(0.5)
-    versions = ["base", registry.register(deep, parent="base")["version"]]
+    with torch.no_grad():  # a different drafter (the other kind when the default is feature), another depth,
+        deep.head.weight.mul_(0.5)  # and a head that disagrees more often
+    versions = [BASE, registry.register(deep, parent=BASE)["version"]]
     prompts = ["The capital of France is", "Water boils at", "Once upon a time", "The best way to learn is"]
     greedy = SamplingParams(max_tokens=12, temperature=0.0)
     expected = {p: real_engine.generate(real_engine.encode(p), greedy, speculate=False).text for p in prompts}
