@@ -88,7 +88,8 @@ def bench_decode(engine: SpeculativeEngine, specs: list[PromptSpec], max_tokens:
         engine.spec = engine.spec.model_copy(update={"source": "hybrid"})  # measures the suffix lengths too
         engine.calibrate()
     states = {src: _mode_state(engine, src) for src in sources}
-    states.update({name: _mode_state(engine, sources[0], d, _drafter_cost(engine, d)) for name, d in drafters.items()})
+    for name, d in drafters.items():
+        states[name] = _mode_state(engine, sources[0], d, _drafter_cost(engine, d))
     modes_run = (*sources, *drafters)
     warm = SamplingParams(max_tokens=8)
     engine.generate(prompts[0], warm, speculate=False)
@@ -171,12 +172,13 @@ def bench_decode(engine: SpeculativeEngine, specs: list[PromptSpec], max_tokens:
         "prompts": per_prompt,
     }
     if drafters:
-        result["drafters"] = {name: {**modes[name], "source": sources[0], "kind": getattr(d, "kind", None),
-                                     "drafter_version": getattr(d, "version", None),
-                                     "drafter_cost_per_token_ms": round(states[name]["controller"].draft_cost * 1000, 2),
-                                     "drafter_cost_ratio": round(states[name]["controller"].draft_cost
-                                                                 / ctl.verify_cost[0], 4)}
-                              for name, d in drafters.items()}
+        result["drafters"] = {}
+        for name, d in drafters.items():
+            cost = states[name]["controller"].draft_cost
+            result["drafters"][name] = {**modes[name], "source": sources[0], "kind": getattr(d, "kind", None),
+                                        "drafter_version": getattr(d, "version", None),
+                                        "drafter_cost_per_token_ms": round(cost * 1000, 2),
+                                        "drafter_cost_ratio": round(cost / ctl.verify_cost[0], 4)}
     if prompt_lookup:
         plain, look = hf["plain"][0] / hf["plain"][1], hf["lookup"][0] / hf["lookup"][1]
         result["prompt_lookup"] = {"num_tokens": prompt_lookup, "hf_tokens_per_s": round(plain, 3),

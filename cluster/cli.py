@@ -110,8 +110,8 @@ def _compare_drafters(specs: list[str], engine, cfg: OnspecConfig) -> dict:
             except (CheckpointError, OSError) as e:
                 raise CLIError(f"--compare-drafter {spec}: {e}") from None
             name = f"{manifest.get('version') or Path(spec).name}"
-        if name in out:
-            name = f"{name}@{len(out)}"
+        if name in out or name in ("target", "model", "suffix", "hybrid"):  # keys of the result's other modes
+            name = f"{name}@{len(out) + 1}"
         out[name] = d
     return out
 

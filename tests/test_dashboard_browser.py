@@ -97,9 +97,9 @@ def browser():
 
 @pytest.fixture()
 def server(tmp_path, real_engine):
-    """The app at a URL. Two real drafter versions: the engine's own derived one (the default kind's base
-    version; rarely accepted), serving; and candidate ``v1``, the target itself run as a drafter (accepted nearly always, and
-    no faster: an upper bound that makes promotions and rollbacks plain to see)."""
+    """The app at a URL. Two real drafter versions: the engine's own derived one (the default kind's
+    base version; rarely accepted), serving; and candidate ``v1``, the target itself run as a drafter
+    (accepted nearly always, and no faster: an upper bound that makes promotions and rollbacks plain to see)."""
     redis_server = RedisServer(tmp_path / "redis").start()
     reg = DrafterRegistry.from_url(redis_server.url, tmp_path / "data", PREFIX)
     original, mode = real_engine.drafter, real_engine.spec.mode
