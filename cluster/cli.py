@@ -73,10 +73,11 @@ def cmd_bench_decode(args) -> int:
     from onspec.cluster.prompts import packaged_prompts, read_prompts
 
     specs = read_prompts(args.prompts_file or packaged_prompts())
-    engine = _engine(_config(args))
+    cfg = _config(args)
+    engine = _engine(cfg)
     log = (lambda row: print(json.dumps(row), file=sys.stderr, flush=True)) if not args.json else (lambda *_: None)
     sources = tuple(dict.fromkeys(args.drafter or [engine.spec.source]))
-    drafters = _compare_drafters(args.compare_drafter or [], engine, _config(args))
+    drafters = _compare_drafters(args.compare_drafter or [], engine, cfg)
     result = bench_decode(engine, specs, args.max_tokens, repeats=args.repeats, sources=sources,
                           prompt_lookup=args.prompt_lookup, log=log, drafters=drafters)
     if args.json:
@@ -95,12 +96,12 @@ def cmd_bench_decode(args) -> int:
 def _compare_drafters(specs: list[str], engine, cfg: OnspecConfig) -> dict:
     """``--compare-drafter`` values as {name: drafter}: a kind ("truncated", "feature": derived from the target,
     as configured) or a drafter checkpoint directory (named by its version)."""
-    from onspec.actors.checkpoint import CheckpointError, load_checkpoint
+    from onspec.actors.checkpoint import CheckpointError, drafter_kinds, load_checkpoint
     from onspec.actors.models import make_drafter
 
     out = {}
     for spec in specs:
-        if spec in ("truncated", "feature"):
+        if spec in drafter_kinds():
             d = make_drafter(engine.target, cfg.drafter.model_copy(update={"kind": spec}),
                              always_keep=tuple(sorted(engine.stop_ids)))
             name = spec
