@@ -9,6 +9,8 @@ import os
 import time
 from pathlib import Path
 
+import torch
+
 from onspec.actors.models import Drafter, sha256_file
 
 WEIGHTS = "drafter.safetensors"
@@ -27,16 +29,23 @@ def drafter_kinds() -> dict:
 
 
 def save_checkpoint(drafter: Drafter, folder: Path | str, version: str, parent: str | None = None,
-                    extra: dict | None = None) -> dict:
+                    extra: dict | None = None, dtype: torch.dtype | None = None, shared_head: bool = False) -> dict:
+    """``dtype``: store floating weights in it (e.g. float16 for a checkpoint shipped in the repository);
+    ``shared_head``: leave out the head, whose rows are then the target's output embeddings of ``kept_ids``
+    (true of a drafter trained with its head frozen): the loader copies them from the target."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / WEIGHTS
-    state = {k: v.detach().contiguous().cpu() for k, v in drafter.own_state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in drafter.own_state_dict().items()
+             if not (shared_head and k == "head.weight")}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     save_file(state, weights, metadata={"version": version})
+    spec = {**drafter.spec(), **({"head": "target"} if shared_head else {})}
     manifest = {"version": version, "parent_version": parent, "sha256": sha256_file(weights),
-                "config": drafter.spec(), "created": time.time(), "files": [WEIGHTS], **(extra or {})}
+                "config": spec, "created": time.time(), "files": [WEIGHTS], **(extra or {})}
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, folder / MANIFEST)
@@ -82,6 +91,10 @@ def load_checkpoint(folder: Path | str, target) -> tuple[Drafter, dict]:
                                   target.get_input_embeddings())
     missing, unexpected = drafter.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("body.embed_tokens")]
+    if spec.get("head") == "target" and missing == ["head.weight"]:
+        with torch.no_grad():  # a shared head: the target's output embedding rows of the kept ids
+            drafter.head.weight.copy_(target.get_output_embeddings().weight[drafter.kept_ids])
+        missing = []
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {folder}: missing {missing[:3]} unexpected {unexpected[:3]}")
     param = next(target.parameters())

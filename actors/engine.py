@@ -586,7 +586,11 @@ class SpeculativeEngine:
 
         if self.round_observer is not None:
             seq.unrecorded += len(new)
-            if n < k or (self.record_coverage and seq.unrecorded >= self.record_coverage):
+            # The request's last round also sends its tail: with coverage on, every served token reaches the
+            # trainer inside some record's window.
+            last = any(t in self.stop_ids for t in new) or len(seq.tokens) - seq.prompt_len >= budget \
+                or len(seq.tokens) >= self.max_context
+            if n < k or (self.record_coverage and (seq.unrecorded >= self.record_coverage or last)):
                 seq.unrecorded = 0
                 self._observe(seq, old_len, drafts, n, nxt, logits[n], source)
         stats.target_forwards += 1

@@ -304,6 +304,7 @@ class TrainerStats:
     last_eval: dict = field(default_factory=dict)
     busy_waits: int = 0
     train_s: float = 0.0
+    tokens_supervised: int = 0  # positions with a loss weight, summed over steps (a replayed window counts again)
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -341,6 +342,13 @@ class OnlineTrainer:
         # Read and not yet acknowledged. XAUTOCLAIM hands back any record idle for claim_idle_ms, this trainer's
         # own included: one that waits that long in the fresh queue must not be queued (and trained on) twice.
         self._queued: set[str] = set()
+        # Throughput and freshness, reported by state(): (monotonic time, steps, tokens supervised) after each
+        # step, and how long each fresh record waited in the stream before a step used it.
+        self._progress: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=4096)
+        self._waits: collections.deque[float] = collections.deque(maxlen=256)
+        self._threads = 0
+        self._started = time.monotonic()
+        self._progress.append((self._started, 0, 0))
 
     # ---- reading records ----------------------------------------------------------------------------------
     def poll(self, block_ms: int | None = None) -> int:
@@ -367,7 +375,7 @@ class OnlineTrainer:
                 skip.append(rid)  # trimmed while pending, or a schema this trainer does not know
                 continue
             w = window_from_record(rec, rid)
-            if zlib.crc32(rid.encode()) % 100 < self.tc.holdout_percent:
+            if self._held_back(rid):
                 hold.append(w)
             else:
                 self.fresh.append(w)
@@ -385,6 +393,19 @@ class OnlineTrainer:
         self.stats.records_skipped += len(skip)
         self.stats.records_malformed += len(bad)
         return len(entries)
+
+    def _held_back(self, rid: str) -> bool:
+        """The gate's share of the traffic. "time": every record of a held-back block of holdout_block_s
+        seconds (a stream id starts with its ms timestamp), so that the gate judges whole requests the drafter
+        never saw (a request's records overlap: a random split of records would leak them); "record": each
+        record on its own."""
+        key = rid
+        if self.tc.holdout_split == "time":
+            try:
+                key = str(int(int(rid.split("-")[0]) / (1000 * self.tc.holdout_block_s)))
+            except ValueError:
+                pass
+        return zlib.crc32(key.encode()) % 100 < self.tc.holdout_percent
 
     def _ack(self, ids: list[str]) -> None:
         ids = self._unacked + [i for i in ids if i]
@@ -440,6 +461,8 @@ class OnlineTrainer:
         self.engine.backward(loss)
         self.engine.step()
         self.stats.steps += 1
+        self.stats.tokens_supervised += int((weights > 0).sum())
+        self._progress.append((time.monotonic(), self.stats.steps, self.stats.tokens_supervised))
         self.steps_since_candidate += 1
         self.stats.last_loss = float(loss.detach())
         self.stats.train_s += time.perf_counter() - t0
@@ -467,6 +490,12 @@ class OnlineTrainer:
         if self.journal is not None:
             self.journal.write("applied", [w.record_id for w in fresh])
         self._ack([w.record_id for w in fresh])
+        now_ms = time.time() * 1000
+        for w in fresh:
+            try:  # a stream id is "<ms>-<seq>": the record's age when its step was applied
+                self._waits.append(max(0.0, now_ms - int(w.record_id.split("-")[0])) / 1000)
+            except (AttributeError, ValueError):
+                pass
         for w in fresh:
             self.seen += 1
             self.replay.append((self.seen, w))
@@ -641,6 +670,7 @@ class OnlineTrainer:
             self.idle.clear()
             try:
                 busy = self.serving_busy()
+                self._use_threads(busy)
                 read = self.poll(block_ms=None if (self.fresh or (self.replay and not busy)) else 500)
                 t0 = time.perf_counter()
                 # On-policy steps only while serving is idle: they use the CPU serving would need.
@@ -659,9 +689,36 @@ class OnlineTrainer:
             elif not did and not read:
                 stop.wait(0.1)
 
+    def _use_threads(self, busy: bool) -> None:
+        """The serving replicas' CPU comes first: ``threads`` while they have requests in flight, every core
+        (``idle_threads``) while they have none."""
+        n = self.tc.threads if busy else (self.tc.idle_threads or os.cpu_count() or 1)
+        if n != self._threads:
+            torch.set_num_threads(n)
+            self._threads = n
+
+    def rates(self, window_s: float = 300.0) -> dict:
+        """Steps and supervised tokens per minute over the last ``window_s`` seconds of steps, and how long
+        records waited in the stream before they were trained on (the last 256)."""
+        out = {"steps_per_min": 0.0, "tokens_supervised_per_min": 0.0, "record_wait_p50_s": None,
+               "record_wait_max_s": None, "threads": self._threads}
+        now = time.monotonic()
+        elapsed = min(window_s, now - self._started)
+        if elapsed > 0:
+            # the last entry before the window (the start's (t, 0, 0) at first, the oldest kept once cut)
+            _, s0, k0 = next((p for p in reversed(self._progress) if p[0] < now - window_s), self._progress[0])
+            _, s1, k1 = self._progress[-1]
+            out["steps_per_min"] = round((s1 - s0) * 60 / elapsed, 2)
+            out["tokens_supervised_per_min"] = round((k1 - k0) * 60 / elapsed, 1)
+        if self._waits:
+            waits = sorted(self._waits)
+            out["record_wait_p50_s"] = round(waits[len(waits) // 2], 2)
+            out["record_wait_max_s"] = round(waits[-1], 2)
+        return out
+
     def state(self) -> dict:
         return {"serving_version": self.serving_version, "fresh": len(self.fresh), "replay": len(self.replay),
-                "holdout": len(self.holdout), **self.stats.as_dict()}
+                "holdout": len(self.holdout), **self.stats.as_dict(), **self.rates()}
 
 
 def build_trainer(cfg: OnspecConfig, client: redis.Redis | None = None) -> OnlineTrainer:

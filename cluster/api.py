@@ -431,7 +431,9 @@ def _trainer_families(state: dict | None):
                  "malformed records skipped (undecodable or out-of-range fields)"),
                 ("busy_waits", "onspec_trainer_paused_for_load", "times the trainer paused for serving load"),
                 ("candidates", "onspec_trainer_candidates", "candidate versions registered"),
-                ("train_s", "onspec_trainer_train_seconds", "time spent in training steps"))
+                ("train_s", "onspec_trainer_train_seconds", "time spent in training steps"),
+                ("tokens_supervised", "onspec_trainer_tokens_supervised",
+                 "positions trained on (every position of each window, replays included)"))
     for key, name, doc in counters:
         yield CounterMetricFamily(name, doc, value=float(state.get(key) or 0))
     gate = CounterMetricFamily("onspec_trainer_gate_decisions", "promotion gate decisions on candidates",
@@ -445,6 +447,9 @@ def _trainer_families(state: dict | None):
                             value=1.0 if state.get("paused") else 0.0)
     yield GaugeMetricFamily("onspec_trainer_replay_windows", "windows in the replay buffer",
                             value=float(state.get("replay") or 0))
+    if state.get("record_wait_p50_s") is not None:
+        yield GaugeMetricFamily("onspec_trainer_record_wait_seconds", "median time a record waited in the stream "
+                                "before a training step used it (last 256 records)", value=state["record_wait_p50_s"])
 
 
 def _registry_families(drafters: dict | None):

@@ -159,17 +159,26 @@ def bench_online(cfg: OnspecConfig, phases: list[Path], minutes_per_phase: float
                              "steps": st["steps"], "onpolicy_steps": st["onpolicy_steps"],
                              "records_acked": st["records_acked"], "requests": u["requests"],
                              "traffic_acceptance": round(u["accepted"] / u["drafted"], 4) if u["drafted"] else None,
-                             "last_eval_gate": (st.get("last_eval") or {}).get("candidate", {}).get("gate")}
+                             "last_eval_gate": (st.get("last_eval") or {}).get("candidate", {}).get("gate"),
+                             "steps_per_min": st.get("steps_per_min"),
+                             "tokens_supervised_per_min": st.get("tokens_supervised_per_min"),
+                             "record_wait_p50_s": st.get("record_wait_p50_s")}
                     curve.append(point)
                     log(f"  {json.dumps(point)}")
             end = measure_serving(eval_specs)
             state1 = cluster.trainer_call("state")
             promoted = state1["promoted"][len(state0["promoted"]):]
+            minutes = max((time.time() - t0) / 60, 1e-9)
+            trainer = {k: state1[k] - state0[k] for k in ("steps", "record_steps", "onpolicy_steps",
+                                                          "records_acked", "candidates", "tokens_supervised")}
+            trainer.update(steps_per_min=round(trainer["steps"] / minutes, 2),
+                           tokens_supervised_per_min=round(trainer["tokens_supervised"] / minutes, 1),
+                           record_wait_p50_s=state1.get("record_wait_p50_s"),
+                           record_wait_max_s=state1.get("record_wait_max_s"))
             row = {"phase": str(path), "acceptance_start": start["acceptance"], "acceptance_end": end["acceptance"],
                    "speedup_start": start["speedup"], "speedup_end": end["speedup"], "versions_promoted": promoted,
-                   "start": start, "end": end, "traffic": traffic.usage, "curve": curve,
-                   "trainer": {k: state1[k] - state0[k] for k in ("steps", "record_steps", "onpolicy_steps",
-                                                                  "records_acked", "candidates")}}
+                   "start": start, "end": end, "traffic": traffic.usage, "curve": curve, "trainer": trainer,
+                   "promotions": _promotions(registry, promoted)}
             log(f"phase {path.name} end: {json.dumps(end)}")
             report["phases"].append(row)
         if p99_requests:
@@ -179,6 +188,16 @@ def bench_online(cfg: OnspecConfig, phases: list[Path], minutes_per_phase: float
         cluster.stop()
     report["wall_s"] = round(time.time() - t_start)
     return report
+
+
+def _promotions(registry, versions: list[str]) -> list[dict]:
+    """Each promoted version's gate figure next to its predecessor's on the same held-back windows."""
+    out = []
+    for v in versions:
+        ev = registry.show(v).get("evaluation") or {}
+        out.append({"version": v, "gate": (ev.get("candidate") or {}).get("gate"),
+                    "predecessor": ev.get("serving_version"), "predecessor_gate": (ev.get("serving") or {}).get("gate")})
+    return out
 
 
 def _p99_with_and_without_trainer(cluster, model: str, specs: list[PromptSpec], requests: int, max_tokens: int,
@@ -205,11 +224,14 @@ def _p99_with_and_without_trainer(cluster, model: str, specs: list[PromptSpec], 
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{'phase':28s} {'acc start':>9s} {'acc end':>8s} {'speedup start':>13s} {'speedup end':>11s}  "
-             "promoted"]
+    lines = [f"{'phase':28s} {'acc start':>9s} {'acc end':>8s} {'speedup start':>13s} {'speedup end':>11s} "
+             f"{'steps/min':>9s} {'tokens/min':>10s} {'wait p50':>8s}  promoted"]
     for p in report["phases"]:
+        t = p["trainer"]
+        wait = "-" if t.get("record_wait_p50_s") is None else f"{t['record_wait_p50_s']:.1f}s"
         lines.append(f"{Path(p['phase']).name:28s} {p['acceptance_start']:>9.3f} {p['acceptance_end']:>8.3f} "
-                     f"{p['speedup_start']:>13.3f} {p['speedup_end']:>11.3f}  {', '.join(p['versions_promoted'])}")
+                     f"{p['speedup_start']:>13.3f} {p['speedup_end']:>11.3f} {t.get('steps_per_min', 0):>9.1f} "
+                     f"{t.get('tokens_supervised_per_min', 0):>10.0f} {wait:>8s}  {', '.join(p['versions_promoted'])}")
     if report.get("serving_with_trainer"):
         w = report["serving_with_trainer"]
         lines.append(f"serving p99 latency: trainer paused {w['latency_p99_s']['paused']} s, running "

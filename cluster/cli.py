@@ -94,15 +94,18 @@ def cmd_bench_decode(args) -> int:
 
 
 def _compare_drafters(specs: list[str], engine, cfg: OnspecConfig) -> dict:
-    """``--compare-drafter`` values as {name: drafter}: a kind ("truncated", "feature": derived from the target,
-    as configured) or a drafter checkpoint directory (named by its version)."""
+    """``--compare-drafter`` values as {name: drafter}: a kind ("truncated", "feature": the base drafter of that
+    kind, as configured: the shipped pretrained one where it fits), "derived-KIND" (that kind derived from the
+    target, untrained), or a drafter checkpoint directory (named by its version)."""
     from onspec.actors.checkpoint import CheckpointError, drafter_kinds, load_checkpoint
     from onspec.actors.models import make_drafter
 
     out = {}
     for spec in specs:
-        if spec in drafter_kinds():
-            d = make_drafter(engine.target, cfg.drafter.model_copy(update={"kind": spec}),
+        kind = spec.removeprefix("derived-")
+        if kind in drafter_kinds():
+            base = "derived" if spec.startswith("derived-") else cfg.drafter.base
+            d = make_drafter(engine.target, cfg.drafter.model_copy(update={"kind": kind, "base": base}),
                              always_keep=tuple(sorted(engine.stop_ids)))
             name = spec
         else:
@@ -145,6 +148,31 @@ def cmd_drafter_distill(args) -> int:
                                extra={"training": {"method": "offline forward-KL on target-generated text",
                                                    **report}})
     print(json.dumps({"out": str(args.out), "version": manifest["version"], **report}))
+    return 0
+
+
+def cmd_drafter_pretrain(args) -> int:
+    from onspec.actors.models import load_target, stop_token_ids
+    from onspec.actors.feature_drafter import derive_feature_drafter
+    from onspec.actors.pretrain import PretrainPlan, pretrain
+
+    cfg = _config(args)
+    for flag in ("minutes", "tokens", "local_tokens"):
+        if getattr(args, flag) < 0:
+            raise CLIError(f"--{flag.replace('_', '-')} must be >= 0")
+    if args.tokens == 0 and args.local_tokens == 0:
+        raise CLIError("nothing to train on: --tokens and --local-tokens are both 0")
+    target, tok = load_target(cfg.model, cfg.data_dir)
+    # Always from the derived drafter (the target's first layer, features off): pretraining is what makes the
+    # shipped base, so it must not start from it.
+    drafter = derive_feature_drafter(target, cfg.drafter.feature_layers, cfg.drafter.vocab_keep,
+                                     always_keep=tuple(sorted(stop_token_ids(target, tok))))
+    plan = PretrainPlan(out=args.out, minutes=args.minutes, tokens=args.tokens, local_tokens=args.local_tokens,
+                        gen_batch=args.gen_batch, batch=args.batch, lr=args.lr, seed=args.seed)
+    manifest = pretrain(plan, target, tok, drafter, version=args.version)
+    p = manifest["pretraining"]
+    print(json.dumps({"out": str(args.out), "version": manifest["version"], "steps": p["steps"],
+                      "corpus": p["corpus"], "held_out_top1": p["held_out_top1"]}))
     return 0
 
 
@@ -495,10 +523,11 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--prompts-file", type=Path)
     bd.add_argument("--max-tokens", type=int, default=128)
     bd.add_argument("--repeats", type=int, default=1)
-    bd.add_argument("--compare-drafter", action="append", metavar="KIND|CHECKPOINT",
-                    help="also run this drafter side by side (repeatable): a kind, truncated or feature, derived "
-                         "from the target, or a drafter checkpoint directory, e.g. two kinds' versions after the "
-                         "same minutes of `bench online`")
+    bd.add_argument("--compare-drafter", action="append", metavar="KIND|derived-KIND|CHECKPOINT",
+                    help="also run this drafter side by side (repeatable): a kind's base drafter (truncated or "
+                         "feature; the shipped pretrained one where it fits), derived-KIND for that kind derived "
+                         "from the target untrained, or a drafter checkpoint directory, e.g. two kinds' versions "
+                         "after the same minutes of `bench online`")
     bd.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
                     help="also run transformers' generate with prompt-lookup decoding (N tokens) and without, "
                          "on the same prompts")
@@ -610,6 +639,19 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--vocab-keep", type=int)
     dd.add_argument("--version", default="offline-1")
     dd.set_defaults(func=cmd_drafter_distill)
+    dp = d.add_parser("pretrain", help="pretrain the base feature drafter: dense distillation from the target on "
+                                       "local text and its own answers to a broad prompt set (resumable)")
+    common(dp)
+    dp.add_argument("--out", type=Path, required=True, help="checkpoint folder; an interrupted run resumes here")
+    dp.add_argument("--minutes", type=float, default=20.0, help="training minutes (after the data is made)")
+    dp.add_argument("--tokens", type=int, default=200_000, help="tokens of target-written answers to make")
+    dp.add_argument("--local-tokens", type=int, default=100_000, help="tokens of local text (Python sources)")
+    dp.add_argument("--gen-batch", type=int, default=48, help="prompts answered per batched generate")
+    dp.add_argument("--batch", type=int, default=8, help="windows per optimizer step")
+    dp.add_argument("--lr", type=float, default=5e-4)
+    dp.add_argument("--seed", type=int, default=0)
+    dp.add_argument("--version", default="base-feature-pretrained")
+    dp.set_defaults(func=cmd_drafter_pretrain)
     dc = d.add_parser("count-tokens", help="count the target's generated tokens (VocabTrim's frequencies)")
     common(dc)
     dc.add_argument("--out", type=Path, required=True)

@@ -99,6 +99,10 @@ class DrafterConfig(_Strict):
         "feature", description="truncated: the target's first `layers` layers; feature (EAGLE): "
                                  "`feature_layers` decoder layers over the target's last hidden state and the token")
     feature_layers: int = Field(1, ge=1, le=8, description="decoder layers of a feature drafter")
+    base: Literal["pretrained", "derived"] = Field(
+        "pretrained", description="the drafter served before any online training: the pretrained one shipped "
+                                  "with the package (`onspec drafter pretrain`) where it fits the target and "
+                                  "this kind, else derived from the target untrained")
 
 
 class SpeculationConfig(_Strict):
@@ -243,12 +247,15 @@ class TrainerConfig(_Strict):
     """The online distillation trainer (actors/trainer.py)."""
     enabled: bool = Field(True, description="run the trainer actor next to the serving replicas")
     cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for the trainer actor")
-    threads: int = Field(1, ge=1, description="torch intra-op threads of the trainer")
+    threads: int = Field(1, ge=1, description="torch intra-op threads of the trainer while replicas have "
+                                               "requests in flight")
+    idle_threads: int = Field(0, ge=0, description="torch intra-op threads while serving is idle: the trainer "
+                                                   "takes the CPU serving leaves (0: every core of the machine)")
     loss: Literal["auto", "fkl", "rkl", "jsd", "tvd", "tvdpp"] = Field(
         "auto", description="auto: forward KL on greedy traffic, TVD on sampled traffic (DistillSpec)")
     jsd_beta: float = Field(0.5, ge=0, le=1)
-    lr: float = Field(1e-3, gt=0, description="online steps are few (data is scarce): a higher rate "
-                                                      "than offline distillation's")
+    lr: float = Field(3e-4, gt=0, description="the online rate: the base drafter ships pretrained (its own "
+                                                "schedule ended at 5e-5), so steps refine it rather than rebuild it")
     batch_windows: int = Field(4, ge=1, description="context windows per training step")
     fresh_per_step: int = Field(2, ge=0, description="windows of the batch taken from records not yet trained "
                                                      "on; the rest are sampled from the replay buffer")
@@ -267,6 +274,11 @@ class TrainerConfig(_Strict):
     feature_loss_weight: float = Field(0.1, ge=0, description="feature drafters (EAGLE): weight of the smooth-L1 "
                                                               "regression of the target's next hidden state")
     holdout_percent: int = Field(15, ge=1, le=50, description="records held back for the promotion gate")
+    holdout_split: Literal["time", "record"] = Field(
+        "time", description="time: whole blocks of holdout_block_s seconds of traffic are held back, so the gate "
+                            "judges requests the drafter never trained on (a request's records overlap); record: "
+                            "each record on its own (tests)")
+    holdout_block_s: float = Field(20.0, gt=0, description="length of a time block of the held-back split")
     holdout_size: int = Field(24, ge=1, description="most recent held-back windows evaluated (few: after a domain "
                                                                "shift the gate must judge the new traffic soon)")
     min_holdout: int = Field(6, ge=1, description="no promotion before this many held-back windows")

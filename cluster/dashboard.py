@@ -32,7 +32,8 @@ STATIC = {"dashboard.js": "text/javascript; charset=utf-8", "dashboard.css": "te
 SUMS = ("requests", "tokens", "drafted", "accepted", "steps", "latency_s",
         # by draft source (actors/engine.py): the drafter model's figures are what drift by version means
         "model_drafted", "model_accepted", "suffix_drafted", "suffix_accepted")
-TRAINER_FIELDS = (("steps", "steps"), ("consumed", "records_acked"), ("paused_for_load", "busy_waits"))
+TRAINER_FIELDS = (("steps", "steps"), ("consumed", "records_acked"), ("paused_for_load", "busy_waits"),
+                  ("tokens_supervised", "tokens_supervised"))
 log = logging.getLogger("onspec.dashboard")
 
 

@@ -170,7 +170,10 @@ def test_coverage_records_reach_the_observer_when_nothing_is_drafted():
     seen = []
     eng.round_observer = seen.append
     g = eng.generate([1, 2, 3], SamplingParams(max_tokens=35), speculate=False)
-    assert len(seen) == 3  # after 10, 20 and 30 tokens (the prefill's token counts toward the first)
+    # after 10, 20 and 30 tokens (the prefill's token counts toward the first), and the request's tail
+    assert len(seen) == 4
+    full = [1, 2, 3] + g.token_ids
+    assert len(seen[-1].context) + 1 == len(full)  # the last window reaches the last served token
     for rec in seen:
         assert rec.drafts == [] and rec.accepted == 0
         full = [1, 2, 3] + g.token_ids

@@ -174,7 +174,7 @@ def _feature_trainer(client, tmp_path, init="first", **trainer):
     from onspec.actors.trainer import OnlineTrainer, StreamReader
 
     cfg = OnspecConfig(data_dir=tmp_path).merged(**{"trainer.batch_windows": 4, "trainer.fresh_per_step": 2,
-                                                     "trainer.holdout_percent": 20,
+                                                     "trainer.holdout_percent": 20, "trainer.holdout_split": "record",
                                                      **{f"trainer.{k}": v for k, v in trainer.items()}})
     target = tiny_target()
     drafter = derive_feature_drafter(target, 1, 64, counts=_counts(target), init=init)

@@ -30,7 +30,7 @@ def test_acceptance_on_a_fixed_prompt_set_rises(tmp_path, real_engine):
     try:
         cfg = OnspecConfig(data_dir=tmp_path).merged(**{
             "redis.url": srv.url, "stream.context_window": 96, "speculation.mode": "fixed",
-            "speculation.fixed_k": 3, "speculation.source": "model", "trainer.lr": 1e-3, "trainer.holdout_percent": 10, "trainer.min_holdout": 2,
+            "speculation.fixed_k": 3, "speculation.source": "model", "trainer.lr": 1e-3, "trainer.holdout_percent": 10, "trainer.holdout_split": "record", "trainer.min_holdout": 2,
             "trainer.promote_margin": 0.0})
         engine = SpeculativeEngine(target, tok, derive_drafter(target, 2, 8192, always_keep=stops),
                                    cfg.speculation, 2048, set(stops))

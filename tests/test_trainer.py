@@ -2,6 +2,7 @@
 that used a record, resume after a restart, reclaim from a dead consumer), training that lowers the loss, and
 the promotion gate."""
 import random
+import time
 
 import pytest
 import redis
@@ -49,6 +50,7 @@ def _write(client, records):
 def _trainer(client, tmp_path, consumer="t0", claim_idle_ms=60_000, **trainer):
     cfg = OnspecConfig(data_dir=tmp_path).merged(**{"trainer.consumer": consumer, "trainer.batch_windows": 4,
                                                      "trainer.fresh_per_step": 2, "trainer.holdout_percent": 1,
+                                                     "trainer.holdout_split": "record",
                                                      **{f"trainer.{k}": v for k, v in trainer.items()}})
     target = tiny_target()
     counts = torch.arange(target.config.vocab_size, 0, -1).double()
@@ -173,3 +175,29 @@ def test_window_weights_put_the_rejected_row_up(tmp_path, client):
     tr = _trainer(client, tmp_path, rejected_weight=4.0)
     w = Window(ids=[1, 2, 3, 4, 5], rejected_row=2, greedy=True, first_row=1)
     assert tr._row_weights(w).tolist() == [0.0, 1.0, 4.0, 1.0, 1.0]
+
+
+def test_time_split_holds_back_whole_blocks_of_traffic(client, tmp_path):
+    """The gate judges requests the drafter never trained on: records of one time block all go one way."""
+    tr = _trainer(client, tmp_path, holdout_split="time", holdout_block_s=10.0, holdout_percent=30)
+    blocks = {}
+    for ms in range(0, 2_000_000, 2_500):  # 200 blocks of 10 s, four records each
+        blocks.setdefault(ms // 10_000, set()).add(tr._held_back(f"{1_700_000_000_000 + ms}-{ms % 7}"))
+    assert all(len(sides) == 1 for sides in blocks.values())
+    held = sum(True in sides for sides in blocks.values()) / len(blocks)
+    assert 0.15 < held < 0.45  # about holdout_percent of the blocks
+
+
+def test_state_reports_throughput_and_record_wait(client, tmp_path):
+    ids = _write(client, _records(8))
+    tr = _trainer(client, tmp_path, onpolicy=False, batch_windows=4, fresh_per_step=4)
+    tr.poll()
+    assert tr.step_records() and tr.step_records()
+    st = tr.state()
+    assert st["steps"] == 2 and st["steps_per_min"] > 0
+    # every real position of the windows is supervised (a window's first row predicts its second token)
+    windows = [w for _, w in tr.replay]
+    assert st["tokens_supervised"] == sum(len(w.ids) for w in windows)
+    assert st["tokens_supervised_per_min"] > 0
+    oldest_ms = int(ids[0].split("-")[0])
+    assert 0 <= st["record_wait_p50_s"] <= st["record_wait_max_s"] <= time.time() - oldest_ms / 1000 + 1

@@ -371,6 +371,10 @@ function renderTrainer() {
     ["state", t.alive === false ? "stopped" : t.paused ? "paused by an operator" : "running"],
     ["steps", `${n(t.steps)} (${n(t.record_steps)} on logged windows, ${n(t.onpolicy_steps)} on-policy)`],
     ["last loss", fixed(t.last_loss, 4)],
+    ["throughput", `${fixed(t.steps_per_min, 1)} steps/min, ${fixed(t.tokens_supervised_per_min, 0)} tokens supervised/min` +
+      ` (last 5 min, ${n(t.threads)} threads)`],
+    ["record wait", t.record_wait_p50_s == null ? "–" :
+      `${fixed(t.record_wait_p50_s, 1)} s median, ${fixed(t.record_wait_max_s, 1)} s max (stream to training step)`],
     ["records consumed", `${n(t.records_acked)} of ${n(t.records_read)} read (${n(t.held_back)} held back for the gate)`],
     ["paused for serving load", `${n(t.busy_waits)} times`],
     ["candidates", `${n(t.candidates)}: ${(t.promoted || []).length} promoted, ${(t.rejected || []).length} rejected`],
