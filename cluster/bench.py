@@ -168,6 +168,11 @@ def bench_decode(engine: SpeculativeEngine, specs: list[PromptSpec], max_tokens:
         "target_forward_ms": [round(c * 1000, 1) for c in ctl.verify_cost],
         "drafter_cost_ratio": round(ctl.draft_cost / ctl.verify_cost[0], 4),
         "predicted_speedup": round(predicted, 4),
+        # What the measured costs would pay at other acceptance rates (Leviathan et al. eq. 1, best k): the
+        # acceptance a drafter must reach for a given speedup on this machine.
+        "predicted_speedup_by_acceptance": {
+            f"{a:.1f}": round(best_draft_length(a, ctl.draft_cost, ctl.verify_cost, k)[1], 3)
+            for a in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)},
         "sources": {src: modes[src] for src in sources},
         "prompts": per_prompt,
     }

@@ -102,7 +102,8 @@ def measure(engine, specs: list[PromptSpec], max_tokens: int, accept_k: int) -> 
             "tokens_per_step": speed.get("tokens_per_step"),
             "drafter_cost_per_token_ms": speed.get("drafter_cost_per_token_ms"),
             "drafter_cost_ratio": speed.get("drafter_cost_ratio"), "drafter_kind": getattr(engine.drafter, "kind", None),
-            "drafter_version": getattr(engine.drafter, "version", None)}
+            "drafter_version": getattr(engine.drafter, "version", None),
+            "by_source": next(iter(speed["sources"].values()))["by_source"]}
 
 
 def bench_online(cfg: OnspecConfig, phases: list[Path], minutes_per_phase: float = 10.0, eval_prompts: int = 3,

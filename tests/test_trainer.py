@@ -201,3 +201,15 @@ def test_state_reports_throughput_and_record_wait(client, tmp_path):
     assert st["tokens_supervised_per_min"] > 0
     oldest_ms = int(ids[0].split("-")[0])
     assert 0 <= st["record_wait_p50_s"] <= st["record_wait_max_s"] <= time.time() - oldest_ms / 1000 + 1
+
+
+def test_the_trainer_takes_every_core_only_while_serving_is_idle(client, tmp_path):
+    tr = _trainer(client, tmp_path, threads=1, idle_threads=3)
+    before = torch.get_num_threads()
+    try:
+        tr._use_threads(busy=True)
+        assert torch.get_num_threads() == 1 and tr.state()["threads"] == 1
+        tr._use_threads(busy=False)
+        assert torch.get_num_threads() == 3 and tr.state()["threads"] == 3
+    finally:
+        torch.set_num_threads(before)
