@@ -18,7 +18,13 @@ class SkinnyLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.dim() else 0
         if 0 < rows <= MAX_ROWS and x.device.type == "cpu":
-            y = (self.weight @ x.reshape(rows, x.shape[-1]).T).T
+            x2 = x.reshape(rows, x.shape[-1])
+            if rows == 1:
+                # MKL's matrix-vector path streams a weight that is not in cache at about half the bandwidth of
+                # its two-column product (measured: 90 matrices of 1536x576, 19 ms vs 10 ms), so a single row is
+                # computed as two and one is dropped: a 1-token forward then costs what a 2-token one does.
+                x2 = x2.expand(2, -1).contiguous()
+            y = (self.weight @ x2.T).T[:rows]
             if self.bias is not None:
                 y = y + self.bias
             return y.reshape(*x.shape[:-1], self.out_features)
