@@ -186,23 +186,38 @@ def derive_drafter(target, layers: int, vocab_keep: int, counts: torch.Tensor | 
 PACKAGED_BASE = "base_drafter"  # cluster/data/base_drafter: `onspec drafter pretrain`'s output, shipped
 
 
+def _packaged_manifest(cfg) -> dict | None:
+    """The shipped base drafter's manifest if its kind, depth and vocabulary are the configured ones."""
+    from onspec.actors.checkpoint import read_manifest
+
+    folder = Path(str(resources.files("onspec.cluster") / "data" / PACKAGED_BASE))
+    if getattr(cfg, "base", "derived") != "pretrained" or not (folder / "manifest.json").is_file():
+        return None
+    manifest = read_manifest(folder)
+    spec = manifest["config"]
+    layers = cfg.feature_layers if cfg.kind == "feature" else cfg.layers
+    if (spec.get("kind"), spec.get("layers"), spec.get("vocab_keep")) != (cfg.kind, layers, cfg.vocab_keep):
+        return None
+    return manifest
+
+
+def initial_version(cfg) -> str:
+    """The version of the drafter ``make_drafter`` gives for DrafterConfig ``cfg`` over the default target."""
+    manifest = _packaged_manifest(cfg)
+    return manifest["version"] if manifest else base_version(cfg.kind)
+
+
 def packaged_base_drafter(target, cfg):
     """The pretrained base drafter shipped with the package, when it fits: the configured kind, depth and
     vocabulary, and the very target it was distilled from (its fingerprint). None otherwise. The weights'
     sha256 is checked like every checkpoint's; a shipped checkpoint that fails it is an error, not a fallback."""
-    from onspec.actors.checkpoint import load_checkpoint, read_manifest
+    from onspec.actors.checkpoint import load_checkpoint
     from onspec.actors.pretrain import target_fingerprint
 
-    folder = Path(str(resources.files("onspec.cluster") / "data" / PACKAGED_BASE))
-    if not (folder / "manifest.json").is_file():
+    manifest = _packaged_manifest(cfg)
+    if manifest is None or manifest.get("target_fingerprint") != target_fingerprint(target):
         return None
-    spec = read_manifest(folder)["config"]
-    layers = cfg.feature_layers if cfg.kind == "feature" else cfg.layers
-    if (spec.get("kind"), spec.get("layers"), spec.get("vocab_keep")) != (cfg.kind, layers, cfg.vocab_keep):
-        return None
-    if read_manifest(folder).get("target_fingerprint") != target_fingerprint(target):
-        return None
-    drafter, _ = load_checkpoint(folder, target)
+    drafter, _ = load_checkpoint(Path(str(resources.files("onspec.cluster") / "data" / PACKAGED_BASE)), target)
     return drafter
 
 
@@ -211,10 +226,9 @@ def make_drafter(target, cfg, always_keep: tuple[int, ...] = (), counts: torch.T
     (the default), the shipped pretrained one when it fits (packaged_base_drafter); otherwise derived from the
     target, untrained: "truncated", its first ``cfg.layers`` layers (derive_drafter); "feature",
     ``cfg.feature_layers`` layers over its last hidden state (actors/feature_drafter.py)."""
-    if getattr(cfg, "base", "derived") == "pretrained":
-        shipped = packaged_base_drafter(target, cfg)
-        if shipped is not None:
-            return shipped
+    shipped = packaged_base_drafter(target, cfg)
+    if shipped is not None:
+        return shipped
     if getattr(cfg, "kind", "truncated") == "feature":
         from onspec.actors.feature_drafter import derive_feature_drafter
 

@@ -10,7 +10,8 @@ import torch
 
 from onspec.actors.checkpoint import CheckpointError, load_checkpoint, read_manifest
 from onspec.actors.feature_drafter import derive_feature_drafter
-from onspec.actors.models import PACKAGED_BASE, make_drafter, packaged_base_drafter, stop_token_ids
+from onspec.actors.models import (PACKAGED_BASE, initial_version, make_drafter, packaged_base_drafter,
+                                  stop_token_ids)
 from onspec.actors.pretrain import PretrainPlan, pretrain, target_fingerprint
 from onspec.actors.pretrain_prompts import pretrain_prompts
 from onspec.cluster.config import DrafterConfig
@@ -83,7 +84,8 @@ def test_the_shipped_base_drafter_is_small_and_what_a_fresh_clone_serves(real_en
     manifest = read_manifest(SHIPPED)
     assert manifest["target_fingerprint"] == target_fingerprint(real_engine.target)
     base = make_drafter(real_engine.target, DrafterConfig())
-    assert base.kind == "feature" and base.version == manifest["version"]
+    assert base.kind == "feature" and base.version == manifest["version"] == initial_version(DrafterConfig())
+    assert initial_version(DrafterConfig(base="derived")) == "base-feature"
     derived = make_drafter(real_engine.target, DrafterConfig(base="derived"))
     assert derived.version == "base-feature"
     assert make_drafter(real_engine.target, DrafterConfig(kind="truncated")).version == "base"  # another kind

@@ -7,7 +7,7 @@ import pytest
 import redis
 
 from onspec.actors.engine import SamplingParams
-from onspec.actors.models import base_version
+from onspec.actors.models import initial_version
 from onspec.actors.replica import Replica
 from onspec.actors.stream_logger import StreamLogger, decode_record, encode_record
 from onspec.cluster.config import OnspecConfig
@@ -68,7 +68,7 @@ def test_complete_and_stream_match_generate(replica, engine):
     assert res["type"] == "result" and res["text"] == want.text and res["token_ids"] == want.token_ids
     u = res["usage"]
     assert u["completion_tokens"] == 12 and u["total_tokens"] == u["prompt_tokens"] + 12
-    assert u["drafter_version"] == base_version(CFG.drafter.kind) and 0 <= u["accepted_tokens"] <= u["drafted_tokens"]
+    assert u["drafter_version"] == initial_version(CFG.drafter) and 0 <= u["accepted_tokens"] <= u["drafted_tokens"]
     events = list(replica.stream(req))
     assert events[0] == {"type": "start", "prompt_tokens": u["prompt_tokens"]}
     assert "".join(e["text"] for e in events if e["type"] == "delta") == want.text

@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from onspec.actors.engine import SamplingParams
-from onspec.actors.models import base_version
+from onspec.actors.models import initial_version
 from onspec.actors.stream_logger import SCHEMA_VERSION, decode_record
 from onspec.cluster.config import OnspecConfig
 from onspec.cluster.redis_server import free_port
@@ -17,7 +17,7 @@ from tests.conftest import DATA_DIR
 
 pytestmark = pytest.mark.real_model
 MODEL = "SmolLM2-135M-Instruct"
-BASE = base_version(OnspecConfig().drafter.kind)  # what the cluster's replica starts with: the default kind
+BASE = initial_version(OnspecConfig().drafter)  # what the cluster's replica starts with: the default kind
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "Name a fruit."}]
 
