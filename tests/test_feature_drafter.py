@@ -199,7 +199,7 @@ def test_the_trainer_trains_a_feature_drafter_from_the_stream(client, tmp_path):
     first = tr.train_on(batch)
     t = batch[0].teacher  # the target's features, captured in the scoring pass, 16-bit
     assert t.features.shape == (len(batch[0].ids), 64) and t.features.dtype == torch.float16
-    for _ in range(15):
+    for _ in range(30):  # 15 left greedy acceptance at +0.096 in one CI run in ~10 (the batch varies by stream id)
         last = tr.train_on(batch)
     after = tr.acceptance(tr.drafter, batch, skip_rows=1)
     assert last < 0.7 * first, (first, last)
