@@ -543,6 +543,11 @@ class SpeculativeEngine:
             drafter_version=getattr(self.drafter, "version", None), temperature=float(seq.params.temperature),
             source=source))
 
+    def _ends(self, seq: _Sequence, new: list[int], budget: int) -> bool:
+        """Whether this round's tokens end the request (what _finish will find)."""
+        return any(t in self.stop_ids for t in new) or len(seq.tokens) - seq.prompt_len >= budget \
+            or len(seq.tokens) >= self.max_context
+
     def _round(self, seq: _Sequence, speculate: bool, budget: int, stats: GenerationStats) -> list[int]:
         if self._next_drafter is not None:
             self._take_swap(seq)
@@ -588,9 +593,8 @@ class SpeculativeEngine:
             seq.unrecorded += len(new)
             # The request's last round also sends its tail: with coverage on, every served token reaches the
             # trainer inside some record's window.
-            last = any(t in self.stop_ids for t in new) or len(seq.tokens) - seq.prompt_len >= budget \
-                or len(seq.tokens) >= self.max_context
-            if n < k or (self.record_coverage and (seq.unrecorded >= self.record_coverage or last)):
+            if n < k or (self.record_coverage and (seq.unrecorded >= self.record_coverage
+                                                   or self._ends(seq, new, budget))):
                 seq.unrecorded = 0
                 self._observe(seq, old_len, drafts, n, nxt, logits[n], source)
         stats.target_forwards += 1

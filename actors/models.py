@@ -186,11 +186,15 @@ def derive_drafter(target, layers: int, vocab_keep: int, counts: torch.Tensor | 
 PACKAGED_BASE = "base_drafter"  # cluster/data/base_drafter: `onspec drafter pretrain`'s output, shipped
 
 
+def _packaged_folder() -> Path:
+    return Path(str(resources.files("onspec.cluster") / "data" / PACKAGED_BASE))
+
+
 def _packaged_manifest(cfg) -> dict | None:
     """The shipped base drafter's manifest if its kind, depth and vocabulary are the configured ones."""
     from onspec.actors.checkpoint import read_manifest
 
-    folder = Path(str(resources.files("onspec.cluster") / "data" / PACKAGED_BASE))
+    folder = _packaged_folder()
     if getattr(cfg, "base", "derived") != "pretrained" or not (folder / "manifest.json").is_file():
         return None
     manifest = read_manifest(folder)
@@ -217,7 +221,7 @@ def packaged_base_drafter(target, cfg):
     manifest = _packaged_manifest(cfg)
     if manifest is None or manifest.get("target_fingerprint") != target_fingerprint(target):
         return None
-    drafter, _ = load_checkpoint(Path(str(resources.files("onspec.cluster") / "data" / PACKAGED_BASE)), target)
+    drafter, _ = load_checkpoint(_packaged_folder(), target)
     return drafter
 
 

@@ -238,6 +238,14 @@ class StreamReader:
         return int(self.r.xpending(self.key, self.group)["pending"])
 
 
+def _stream_ms(rid: str | None) -> int | None:
+    """The millisecond timestamp a Redis stream id ("<ms>-<seq>") starts with; None for anything else."""
+    try:
+        return int(rid.split("-")[0])
+    except (AttributeError, ValueError):
+        return None
+
+
 def _text(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -400,11 +408,9 @@ class OnlineTrainer:
         never saw (a request's records overlap: a random split of records would leak them); "record": each
         record on its own."""
         key = rid
-        if self.tc.holdout_split == "time":
-            try:
-                key = str(int(int(rid.split("-")[0]) / (1000 * self.tc.holdout_block_s)))
-            except ValueError:
-                pass
+        ms = _stream_ms(rid)
+        if self.tc.holdout_split == "time" and ms is not None:
+            key = str(int(ms / (1000 * self.tc.holdout_block_s)))
         return zlib.crc32(key.encode()) % 100 < self.tc.holdout_percent
 
     def _ack(self, ids: list[str]) -> None:
@@ -492,11 +498,9 @@ class OnlineTrainer:
         self._ack([w.record_id for w in fresh])
         now_ms = time.time() * 1000
         for w in fresh:
-            try:  # a stream id is "<ms>-<seq>": the record's age when its step was applied
-                self._waits.append(max(0.0, now_ms - int(w.record_id.split("-")[0])) / 1000)
-            except (AttributeError, ValueError):
-                pass
-        for w in fresh:
+            ms = _stream_ms(w.record_id)
+            if ms is not None:  # the record's age when its step was applied
+                self._waits.append(max(0.0, now_ms - ms) / 1000)
             self.seen += 1
             self.replay.append((self.seen, w))
         self.stats.record_steps += 1
