@@ -97,7 +97,8 @@ def test_a_restarted_trainer_resumes_its_own_pending_records_first(client, tmp_p
     first.poll()
     first.step_records()  # 2 acknowledged; the rest pending with t0 when it "dies"
     left = _pending_of(client, "t0")
-    assert len(left) == 6
+    held = {w.record_id for w in first.holdout}  # 1% of records, by id: acknowledged at once
+    assert left == {w.record_id for w in first.fresh} and len(left) == 6 - len(held)
     again = _trainer(client, tmp_path)  # same consumer name: a restart
     again.poll()
     assert {w.record_id for w in again.fresh} | {w.record_id for w in again.holdout} == left
