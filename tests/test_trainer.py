@@ -192,6 +192,7 @@ def test_time_split_holds_back_whole_blocks_of_traffic(client, tmp_path):
 def test_state_reports_throughput_and_record_wait(client, tmp_path):
     ids = _write(client, _records(8))
     tr = _trainer(client, tmp_path, onpolicy=False, batch_windows=4, fresh_per_step=4)
+    tr._held_back = lambda rid: False  # rates, not the gate: a held-back record would make step 2 replay one
     tr.poll()
     assert tr.step_records() and tr.step_records()
     st = tr.state()
