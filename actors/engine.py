@@ -1,8 +1,10 @@
-"""The speculative decoding engine: one target, one drafter, both with KV caches (transformers' DynamicCache).
+"""The speculative decoding engine: one target, one drafter, many sequences decoded together (continuous
+batching over per-row KV caches, actors/row_cache.py).
 
 A sequence is kept as ``tokens`` (prompt + generated) whose last token is *pending*: sampled but not yet run
 through the target. Every round drafts k >= 0 tokens after it, runs the target once over [pending, drafts],
-keeps the accepted prefix and one more token from the target, and crops both caches back to what is still valid.
+keeps the accepted prefix and one more token from the target, and sets both caches' row lengths back to what is
+still valid. All decoding rows share one target forward per round, each with its own draft length.
 With k = 0 a round is exactly one step of plain target decoding, which is also how ``speculate=False`` runs:
 the same code path, the drafter never called.
 
@@ -20,8 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
-from transformers import DynamicCache
-
+from onspec.actors.row_cache import RowCache, body_forward
 from onspec.actors.suffix_index import SuffixDraft, SuffixIndex
 from onspec.cluster.config import OnspecConfig, SpeculationConfig, SuffixConfig
 from onspec.kernels.draft_length import (AdaEDLState, adaedl_should_stop, adaedl_update, best_draft_length)
@@ -43,6 +44,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    logprobs: int | None = None  # None: none; n: the chosen token's log-probability and the n likeliest
 
     def validate(self) -> None:
         if self.max_tokens < 1:
@@ -53,6 +55,8 @@ class SamplingParams:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise RequestError(f"top_k must be >= 0, got {self.top_k}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise RequestError(f"top_logprobs must be in [0, 20], got {self.logprobs}")
 
 
 @dataclass
@@ -109,6 +113,7 @@ class RoundRecord:
     drafter_version: str | None
     temperature: float = 0.0  # the request's: tells the trainer which divergence suits this traffic
     source: str = "model"     # who drafted: "model", "suffix", or "none" (a coverage record of plain decoding)
+    request: object = None    # the caller's tag of the request (not sent to the stream)
 
 
 @dataclass
@@ -116,13 +121,6 @@ class Generation:
     token_ids: list[int]
     text: str
     stats: GenerationStats
-
-
-def rollback(cache: DynamicCache, keep: int) -> None:
-    """Crop a KV cache to its first ``keep`` positions: rejected drafts are dropped, the prefix is reused."""
-    extra = cache.get_seq_length() - keep
-    if extra > 0:
-        cache.crop(-extra)
 
 
 class DraftController:
@@ -176,23 +174,36 @@ class DraftController:
 
 @dataclass
 class _Sequence:
+    """One request inside the engine: its tokens, sampling state, cache rows and figures."""
     tokens: list[int]
     prompt_len: int
     params: SamplingParams
     generator: torch.Generator | None
+    speculate: bool = True
+    budget: int = 0           # most tokens it may generate
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    tag: object = None        # the caller's (the replica's label and request id), carried into RoundRecords
     # A seeded sampled request draws each position's token from noise fixed by (seed, position): its output is
-    # then reproducible whatever was drafted, while drafting depends on state shared between requests.
+    # then reproducible whatever was drafted and whatever shares its batch.
     noise_seed: int | None = None
-    tcache: DynamicCache = field(default_factory=DynamicCache)
-    dcache: DynamicCache = field(default_factory=DynamicCache)
-    dlen: int = 0  # positions in the drafter's cache
-    unrecorded: int = 0  # tokens generated since the last RoundRecord
+    slot: int = -1            # row of the engine's RowCaches
+    tlen: int = 0             # positions in the target's cache row (all tokens but the pending one, once decoding)
+    dlen: int = 0             # positions in the drafter's cache row
+    unrecorded: int = 0       # tokens generated since the last RoundRecord
     suffix: SuffixIndex | None = None  # the request's own prompt and output (SuffixDecoding's per-request tree)
-    indexed: int = 0  # tokens of ``tokens`` already in ``suffix``
+    indexed: int = 0          # tokens of ``tokens`` already in ``suffix``
     # The target's last hidden state (post-norm, what its lm_head reads) at every position but the pending one:
     # a feature drafter (EAGLE) reads it. Rows [0, nfeat) are filled; the verification forwards compute them.
     feats: torch.Tensor | None = None
     nfeat: int = 0
+    new: list[int] = field(default_factory=list)        # tokens of the last step (what the caller streams)
+    logprobs: list = field(default_factory=list)        # per new token: (logprob, [(id, logprob), ...])
+    finished: bool = False
+    t0: float = 0.0
+
+    @property
+    def produced(self) -> int:
+        return len(self.tokens) - self.prompt_len
 
 
 def _interpolate(costs: dict[int, float], longest: int) -> list[float]:
@@ -210,8 +221,14 @@ def _interpolate(costs: dict[int, float], longest: int) -> list[float]:
 
 
 class SpeculativeEngine:
+    """Continuous batching: ``submit`` adds a request, every ``step`` runs one round over all decoding rows (one
+    target forward, each row with its own draft length, 0 allowed) after at most one chunk of a joining request's
+    prefill, and finished or cancelled rows leave between steps. ``stream``/``generate`` run one request alone.
+    Only one thread may call into an engine (the replica's decoding thread)."""
+
     def __init__(self, target, tokenizer, drafter, spec: SpeculationConfig, max_context: int,
-                 stop_ids: set[int] | None = None, suffix: SuffixConfig | None = None):
+                 stop_ids: set[int] | None = None, suffix: SuffixConfig | None = None, max_rows: int = 8,
+                 prefill_chunk: int = 256):
         self.target, self.tokenizer, self.drafter = target, tokenizer, drafter
         self.spec = spec
         self.suffix_cfg = suffix or SuffixConfig()
@@ -241,8 +258,15 @@ class SpeculativeEngine:
         # exactly when it is needed most.
         self.record_coverage = 0
         self._next_drafter = None   # set by any thread (swap_drafter), taken by the decoding thread
-        self._seq = None            # the sequence being decoded, if any
         self.swaps = 0
+        self.max_rows, self.prefill_chunk = max_rows, prefill_chunk
+        self.active: list[_Sequence] = []                       # decoding, in slots 0 .. len(active) - 1
+        self.joining: collections.deque[_Sequence] = collections.deque()  # waiting for (or in) prefill
+        self.tcache = RowCache(target.model, max_rows + 1, 64, self.max_context + 64)  # + 1: a joiner's row
+        self.dcache: RowCache | None = None                     # the drafter's, made on its first draft
+        # Seconds per target forward by rows (1, 2, 4, ...) and tokens per row (set by calibrate).
+        self.batch_costs: dict[int, list[float]] = {}
+        self.draft_costs: dict[int, float] = {}
 
     @classmethod
     def from_config(cls, cfg: OnspecConfig) -> "SpeculativeEngine":
@@ -255,7 +279,8 @@ class SpeculativeEngine:
             drafter, _ = load_checkpoint(cfg.drafter.checkpoint, target)
         else:
             drafter = make_drafter(target, cfg.drafter, always_keep=tuple(stops))
-        return cls(target, tok, drafter, cfg.speculation, cfg.model.max_context, stops, cfg.suffix)
+        return cls(target, tok, drafter, cfg.speculation, cfg.model.max_context, stops, cfg.suffix,
+                   cfg.server.max_batch, cfg.server.prefill_chunk)
 
     # ---- prompts -------------------------------------------------------------------------------------------
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
@@ -279,6 +304,10 @@ class SpeculativeEngine:
         self.drafter = drafter
         self.controller.reset()  # the acceptance estimate starts afresh for the new drafter
         self.swaps += 1
+        # The old drafter's cache means nothing to the new one: every row re-reads its sequence on its next draft.
+        self.dcache = None
+        for seq in self.active:
+            seq.dlen = 0
 
     def swap_drafter(self, drafter) -> None:
         """Hand over a new drafter from any thread: the decoding thread takes it before its next verification
@@ -287,22 +316,22 @@ class SpeculativeEngine:
         self._next_drafter = drafter
 
     def apply_pending_swap(self) -> None:
-        """Take a handed-over drafter now. Only from the decoding thread (between two steps of ``stream``, or
-        while no request runs): that is what makes the swap atomic with respect to rounds."""
-        self._take_swap(self._seq)
-
-    def _take_swap(self, seq: "_Sequence | None" = None) -> None:
+        """Take a handed-over drafter now. Only from the decoding thread (between two steps): that is what
+        makes the swap atomic with respect to rounds."""
         drafter, self._next_drafter = self._next_drafter, None
-        if drafter is None:
-            return
-        self.set_drafter(drafter)
-        if seq is not None:
-            # The old drafter's KV cache means nothing to the new one: it re-reads the sequence on its next draft.
-            seq.dcache, seq.dlen = DynamicCache(), 0
+        if drafter is not None:
+            self.set_drafter(drafter)
 
+    def _drafter_cache(self) -> RowCache:
+        if self.dcache is None:
+            self.dcache = RowCache(self.drafter.body, self.max_rows + 1, 64, self.max_context + 64)
+        return self.dcache
+
+    # ---- costs ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def calibrate(self, reps: int = 3) -> None:
-        """Measure target forwards over 1..max_draft+1 tokens and one drafter token.
+        """Measure target forwards over rows x tokens (1, 2, 4, ... rows; 1..max_draft+1 tokens each) and one
+        drafter token per row.
 
         Only the ratios between these costs matter to the draft-length choice, and a busy machine slows all of
         them alike, so sizes are interleaved within each repetition and the minimum is kept: a burst of
@@ -313,28 +342,87 @@ class SpeculativeEngine:
             # Suffix drafts run longer: two more sizes, the rest interpolated (verification cost is near linear).
             longest = self.suffix_cfg.max_draft + 1
             sizes += sorted({(sizes[-1] + longest) // 2, longest} - set(sizes))
-        ctx = torch.arange(1, longest + 33, device=self.device).unsqueeze(0)
-        cache, dcache = DynamicCache(), DynamicCache()
-        self.target(input_ids=ctx[:, :32], cache=cache, use_cache=True)
-        self._drafter_forward(ctx[:, :32], dcache, torch.zeros(1, 32, self.hidden_size, device=self.device))
-        best = {n: float("inf") for n in sizes}
-        best_draft = float("inf")
+        rows = [1]
+        while rows[-1] * 2 <= self.max_rows:
+            rows.append(rows[-1] * 2)
+        if rows[-1] != self.max_rows:
+            rows.append(self.max_rows)
+        tc = RowCache(self.target.model, self.max_rows, 32 + longest)
+        dc = RowCache(self.drafter.body, self.max_rows, 33)
+        ctx = torch.full((self.max_rows,), 32, dtype=torch.long, device=self.device)
+        ids = torch.arange(1, longest + 1, device=self.device).repeat(self.max_rows, 1)
+        best = {(b, n): float("inf") for b in rows for n in sizes}
+        best_draft = {b: float("inf") for b in rows}
         for _ in range(reps):
-            for n in sizes:
+            for b in rows:
+                for n in sizes:
+                    t = time.perf_counter()
+                    hidden = body_forward(self.target.model, self.target.model.embed_tokens(ids[:b, :n]), tc, 0,
+                                          ctx[:b])
+                    self.target.lm_head(hidden.reshape(b * n, -1)).argmax(-1).tolist()
+                    best[b, n] = min(best[b, n], time.perf_counter() - t)
                 t = time.perf_counter()
-                self.target(input_ids=ctx[:, :n], cache=cache, use_cache=True).logits.argmax(-1).tolist()
-                best[n] = min(best[n], time.perf_counter() - t)
-                rollback(cache, 32)
-            t = time.perf_counter()
-            self._drafter_forward(ctx[:, :1], dcache, torch.zeros(1, 1, self.hidden_size, device=self.device))[0] \
-                .argmax(-1).tolist()
-            best_draft = min(best_draft, time.perf_counter() - t)
-            rollback(dcache, 32)
-        self.controller.verify_cost = _interpolate(best, longest)
-        self.controller.draft_cost = best_draft
+                feats = torch.zeros(b, 1, self.hidden_size, device=self.device)
+                self._drafter_forward(ids[:b, :1], dc, 0, ctx[:b], feats)[0].argmax(-1).tolist()
+                best_draft[b] = min(best_draft[b], time.perf_counter() - t)
+        self.batch_costs = {b: _interpolate({n: best[b, n] for n in sizes}, longest) for b in rows}
+        self.draft_costs = best_draft
+        self._use_rows(1)
         self.calibrated = True
 
-    # ---- decoding ------------------------------------------------------------------------------------------
+    def _row_costs(self, b: int) -> tuple[list[float], float]:
+        """Per-row target cost by tokens, and per-row drafter cost, of a round over ``b`` rows (interpolated)."""
+        known = sorted(self.batch_costs)
+        lo = max([r for r in known if r <= b], default=known[0])
+        hi = min([r for r in known if r >= b], default=known[-1])
+        w = 0.0 if hi == lo else (b - lo) / (hi - lo)
+        verify = [((1 - w) * x + w * y) / b for x, y in zip(self.batch_costs[lo], self.batch_costs[hi])]
+        draft = ((1 - w) * self.draft_costs[lo] + w * self.draft_costs[hi]) / b
+        return verify, draft
+
+    def _use_rows(self, b: int) -> None:
+        """Give the controller the costs of a round over ``b`` rows: the k it picks maximises accepted tokens per
+        second of the whole batch, and falls to 0 (plain decoding) once the batch is compute-bound."""
+        if self.batch_costs:
+            self.controller.verify_cost, self.controller.draft_cost = self._row_costs(b)
+
+    # ---- requests ------------------------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams, speculate: bool = True,
+               stats: GenerationStats | None = None, tag: object = None) -> _Sequence:
+        """Queue a request; it joins the batch at a coming step. Raises RequestError for a bad one."""
+        params.validate()
+        self.check_prompt(prompt_ids)
+        gen = None
+        if not is_greedy(params.temperature):
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(params.seed if params.seed is not None else int(torch.seed() % (2**63)))
+        seq = _Sequence(tokens=list(prompt_ids), prompt_len=len(prompt_ids), params=params, generator=gen,
+                        speculate=speculate, stats=stats if stats is not None else GenerationStats(), tag=tag,
+                        noise_seed=params.seed if gen is not None else None, t0=time.perf_counter(),
+                        budget=min(params.max_tokens, self.max_context - len(prompt_ids)))
+        seq.stats.prompt_tokens = len(prompt_ids)
+        seq.stats.drafter_version = getattr(self.drafter, "version", None) if speculate else None
+        if speculate and self.spec.source != "model":
+            seq.suffix = SuffixIndex(self.max_context, self.suffix_cfg.max_depth)
+        self.joining.append(seq)
+        return seq
+
+    def cancel(self, seq: _Sequence) -> None:
+        """Take a request out now (its caller went away); the others go on."""
+        if seq.finished:
+            return
+        seq.finished = True
+        seq.stats.finish_reason = seq.stats.finish_reason or "cancelled"
+        if seq in self.joining:
+            self.joining.remove(seq)
+        if seq in self.active:
+            self.active.remove(seq)
+        self._pack()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.active or self.joining)
+
     def generate(self, prompt_ids: list[int], params: SamplingParams | None = None,
                  speculate: bool = True) -> Generation:
         params = params or SamplingParams()
@@ -344,47 +432,75 @@ class SpeculativeEngine:
             out.extend(chunk)
         return Generation(out, self.tokenizer.decode(out, skip_special_tokens=True), stats)
 
-    @torch.inference_mode()
     def stream(self, prompt_ids: list[int], params: SamplingParams, speculate: bool = True,
                stats: GenerationStats | None = None) -> Iterator[list[int]]:
-        """Yield the new tokens of each round. ``stats`` (if given) is filled in as decoding goes."""
-        params.validate()
-        self.check_prompt(prompt_ids)
-        stats = stats if stats is not None else GenerationStats()
-        self._take_swap()
-        if speculate and not self.calibrated and self.spec.cost_aware and self.spec.mode == "adaedl":
-            self.calibrate()
-        t0 = time.perf_counter()
-        stats.prompt_tokens = len(prompt_ids)
-        stats.drafter_version = getattr(self.drafter, "version", None) if speculate else None
-        gen = None
-        if not is_greedy(params.temperature):
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(params.seed if params.seed is not None else int(torch.seed() % (2**63)))
-        seq = _Sequence(tokens=list(prompt_ids), prompt_len=len(prompt_ids), params=params, generator=gen,
-                        noise_seed=params.seed if gen is not None else None)
-        if speculate and self.spec.source != "model":
-            seq.suffix = SuffixIndex(self.max_context, self.suffix_cfg.max_depth)
-        self._seq = seq
-        budget = min(params.max_tokens, self.max_context - len(prompt_ids))
-
+        """One request on its own: yield the new tokens of each round. ``stats`` is filled in as decoding goes."""
+        seq = self.submit(prompt_ids, params, speculate, stats)
         try:
-            new = [self._prefill(seq)]
-            stats.target_forwards += 1
-            stats.sources["none"][0] += 1
-            while True:
-                new, done = self._finish(seq, new, budget, stats)
-                stats.completion_tokens += len(new)
-                stats.elapsed_s = time.perf_counter() - t0
-                if new:
-                    yield new
-                if done:
-                    return
-                new = self._round(seq, speculate, budget, stats)
+            while not seq.finished:
+                self.step()
+                if seq.new:
+                    yield seq.new
         finally:
-            self._seq = None
-            if speculate:  # target-only runs (benchmark baselines) must not teach the index their answers
-                self._remember(seq.tokens[:seq.prompt_len + stats.completion_tokens])
+            self.cancel(seq)
+
+    # ---- one step of the batch -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[_Sequence]:
+        """A chunk of prefill for the first joining request (all of it when nothing else is decoding), then one
+        verification round over every decoding row. Returns the sequences with new tokens (``seq.new``,
+        ``seq.logprobs``) or just finished (``seq.finished``); finished ones have left the batch."""
+        self.apply_pending_swap()
+        if any(s.speculate for s in self.joining) and not self.calibrated and self.spec.cost_aware \
+                and self.spec.mode == "adaedl":
+            self.calibrate()
+        touched: list[_Sequence] = []
+        for seq in self.active:
+            seq.new, seq.logprobs = [], []
+        if self.joining and len(self.active) < self.max_rows:
+            seq = self.joining[0]
+            seq.new, seq.logprobs = [], []
+            self._prefill(seq, whole=not self.active)
+            if seq.tlen == seq.prompt_len:  # prefilled: its first token is out, it decodes from the next step
+                self.joining.popleft()
+                self.active.append(seq)
+                touched.append(seq)
+        decoding = [s for s in self.active if s not in touched]
+        if decoding:
+            self._round(decoding)
+            touched += decoding
+        for seq in touched:
+            self._finish(seq)
+        if any(s.finished for s in touched):
+            self.active = [s for s in self.active if not s.finished]
+            self._pack()
+        return touched
+
+    def _pack(self) -> None:
+        """Rows keep slots 0..n-1 (active, then the joiner being prefilled): a leaver's slot goes to the next."""
+        order = self.active + ([self.joining[0]] if self.joining and self.joining[0].slot >= 0 else [])
+        for i, seq in enumerate(order):
+            if seq.slot != i:
+                self.tcache.move(seq.slot, i, seq.tlen)
+                if self.dcache is not None:
+                    self.dcache.move(seq.slot, i, seq.dlen)
+                seq.slot = i
+
+    def _finish(self, seq: _Sequence) -> None:
+        """Cut the step's tokens at the first stop token or the budget; the request ends there."""
+        st = seq.stats
+        before = seq.produced - len(seq.new)
+        for i, tok in enumerate(seq.new):
+            if tok in self.stop_ids or before + i + 1 >= seq.budget:
+                st.finish_reason = "stop" if tok in self.stop_ids else "length"
+                del seq.new[i + 1:]
+                del seq.logprobs[i + 1:]
+                seq.finished = True
+                break
+        st.completion_tokens += len(seq.new)
+        st.elapsed_s = time.perf_counter() - seq.t0
+        if seq.finished and seq.speculate:  # target-only runs (baselines) must not teach the index their answers
+            self._remember(seq.tokens[:seq.prompt_len + st.completion_tokens])
 
     def _remember(self, tokens: list[int]) -> None:
         """A finished request's prompt and output go into the suffix index (and to whoever shares it)."""
@@ -395,6 +511,67 @@ class SpeculativeEngine:
         if self.sequence_observer is not None:
             self.sequence_observer(tokens)
 
+    # ---- the target ----------------------------------------------------------------------------------------
+    def _target_rows(self, x: torch.Tensor, start: int, lengths: list[int]) -> torch.Tensor:
+        """The target's body over ``x`` [b, T] for rows start.. holding ``lengths``: post-norm hidden [b, T, H]."""
+        body = self.target.model
+        return body_forward(body, body.embed_tokens(x), self.tcache, start,
+                            torch.tensor(lengths, device=self.device))
+
+    def _keep_features(self, seq: _Sequence, hidden: torch.Tensor) -> None:
+        if seq.feats is None:
+            seq.feats = torch.empty(self.max_context, self.hidden_size, device=self.device, dtype=hidden.dtype)
+        seq.feats[seq.nfeat:seq.nfeat + hidden.shape[0]] = hidden
+        seq.nfeat += hidden.shape[0]
+
+    def _prefill(self, seq: _Sequence, whole: bool) -> None:
+        """The next chunk of the prompt through the target (``whole``: all of it); after the last chunk, the
+        first token. Chunks bound how long a joining request holds up the rows already decoding."""
+        if seq.slot < 0:
+            seq.slot = len(self.active)
+        end = seq.prompt_len if whole else min(seq.prompt_len, seq.tlen + self.prefill_chunk)
+        while seq.tlen < end:
+            stop = min(end, seq.tlen + self.prefill_chunk)
+            hidden = self._target_rows(torch.tensor([seq.tokens[seq.tlen:stop]], device=self.device), seq.slot,
+                                       [seq.tlen])[0]
+            self._keep_features(seq, hidden)
+            seq.tlen = stop
+        if seq.tlen < seq.prompt_len:
+            return
+        logits = self.target.lm_head(hidden[-1:]).float()
+        seq.stats.target_forwards += 1
+        seq.stats.sources["none"][0] += 1
+        tok = int(self._next_token(logits[0], seq))
+        seq.tokens.append(tok)
+        seq.new = [tok]
+        if seq.params.logprobs is not None:
+            seq.logprobs = self._logprobs(logits, [tok], seq.params.logprobs)
+
+    def _next_token(self, logits: torch.Tensor, seq: _Sequence) -> torch.Tensor:
+        p = seq.params
+        if is_greedy(p.temperature):
+            return logits.argmax(-1)
+        probs = logits_to_probs(logits, p.temperature, p.top_k, p.top_p)
+        if seq.noise_seed is not None:
+            return gumbel_argmax(probs, self._noise(seq, len(seq.tokens), 1)[0])
+        return torch.multinomial(probs, 1, generator=seq.generator)[0]
+
+    def _noise(self, seq: _Sequence, start: int, n: int) -> torch.Tensor:
+        return position_gumbel(seq.noise_seed, range(start, start + n), self.vocab_size, self.device)
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, chosen: list[int], top: int) -> list:
+        """Per position: the chosen token's log-probability under the target, and the ``top`` likeliest."""
+        lp = torch.log_softmax(logits.float(), -1)
+        picked = lp[torch.arange(len(chosen)), torch.tensor(chosen)].tolist()
+        if top:
+            best = lp.topk(top)
+            ids, vals = best.indices.tolist(), best.values.tolist()
+        else:
+            ids, vals = [[]] * len(chosen), [[]] * len(chosen)
+        return [(p, list(zip(i, v))) for p, i, v in zip(picked, ids, vals)]
+
+    # ---- drafting ------------------------------------------------------------------------------------------
     def _suffix_draft(self, seq: _Sequence, cap: int) -> SuffixDraft | None:
         """The better of the two indexes' proposals for the sequence's continuation (the paper's rule)."""
         while self.suffix_inbox:
@@ -424,9 +601,10 @@ class SpeculativeEngine:
         _, speedup = best_draft_length(ctl.alpha, ctl.draft_cost, ctl.verify_cost, self.spec.max_draft)
         return suffix_rate > speedup / ctl.verify_cost[0]
 
-    def _plan(self, seq: _Sequence, speculate: bool, room: int) -> tuple[str, int, SuffixDraft | None]:
-        """This round's source and, for the model, its draft cap."""
-        if not speculate or room <= 0:
+    def _plan(self, seq: _Sequence, cap: int) -> tuple[str, int, SuffixDraft | None]:
+        """A row's source this round and, for the model, its draft cap (``cap``: the batch's model cap)."""
+        room = min(self.max_context - len(seq.tokens) - 1, seq.budget - seq.produced)
+        if not seq.speculate or room <= 0:
             return "none", 0, None
         source = self.spec.source
         if source != "model":
@@ -435,104 +613,103 @@ class SpeculativeEngine:
                 return "suffix", len(d.tokens), d
             if source == "suffix":
                 return "none", 0, None
-        cap = min(self.controller.draft_cap(), room)
+        cap = min(cap, room)
         return ("model" if cap > 0 else "none"), cap, None
 
-    def _finish(self, seq: _Sequence, new: list[int], budget: int, stats: GenerationStats):
-        """Cut ``new`` at the first stop token or the token budget; tokens are already in seq.tokens."""
-        produced_before = len(seq.tokens) - len(new) - seq.prompt_len
-        for i, tok in enumerate(new):
-            if tok in self.stop_ids:
-                stats.finish_reason = "stop"
-                return new[:i + 1], True
-            if produced_before + i + 1 >= budget:
-                stats.finish_reason = "length"
-                return new[:i + 1], True
-        return new, False
+    def _drafter_forward(self, x: torch.Tensor, cache: RowCache, start: int, lengths: torch.Tensor,
+                         feats: torch.Tensor | None):
+        """Either drafter kind over rows of ``cache``: (kept-vocabulary logits, predicted features or None)."""
+        d = self.drafter
+        emb = d.body.embed_tokens(x)
+        if getattr(d, "kind", None) == "feature":
+            emb = d.fc(torch.cat([emb, feats.to(emb.dtype) * d.feature_scale.to(emb.dtype)], dim=-1))
+            hidden = body_forward(d.body, emb, cache, start, lengths)
+            return d.head(hidden), hidden
+        return d.head(body_forward(d.body, emb, cache, start, lengths)), None
 
-    def _next_token(self, logits: torch.Tensor, seq: _Sequence) -> torch.Tensor:
-        p = seq.params
-        if is_greedy(p.temperature):
-            return logits.argmax(-1)
-        probs = logits_to_probs(logits, p.temperature, p.top_k, p.top_p)
-        if seq.noise_seed is not None:
-            return gumbel_argmax(probs, self._noise(seq, len(seq.tokens), 1)[0])
-        return torch.multinomial(probs, 1, generator=seq.generator)[0]
+    def _backlog(self, seq: _Sequence, upto: int) -> tuple[list[int], torch.Tensor | None]:
+        """Tokens seq.tokens[dlen:upto] the drafter has not read, with their features (a feature drafter pairs
+        token i with the target's feature at i - 1, zeros before the first token)."""
+        ids = seq.tokens[seq.dlen:upto]
+        if getattr(self.drafter, "kind", None) != "feature":
+            return ids, None
+        lo = seq.dlen
+        prev = seq.feats[max(lo - 1, 0):upto - 1]
+        if lo == 0:
+            prev = torch.cat([torch.zeros_like(prev[:1]), prev])
+        return ids, prev
 
-    def _noise(self, seq: _Sequence, start: int, n: int) -> torch.Tensor:
-        return position_gumbel(seq.noise_seed, range(start, start + n), self.vocab_size, self.device)
-
-    def _target_forward(self, seq: _Sequence, x: torch.Tensor, last_only: bool = False) -> tuple[torch.Tensor,
-                                                                                                    torch.Tensor]:
-        """One target forward over ``x`` [1, n] with the sequence's cache: (logits [n or 1, V], hidden [n, H]).
-        The same work as calling the model (its body, then the head), keeping the hidden states a feature
-        drafter reads: no extra target pass."""
-        hidden = self.target.model(input_ids=x, cache=seq.tcache, use_cache=True).last_hidden_state[0]
-        logits = self.target.lm_head(hidden[-1:] if last_only else hidden)
-        return logits, hidden
-
-    def _keep_features(self, seq: _Sequence, hidden: torch.Tensor) -> None:
-        if seq.feats is None:
-            seq.feats = torch.empty(self.max_context, self.hidden_size, device=self.device, dtype=hidden.dtype)
-        seq.feats[seq.nfeat:seq.nfeat + hidden.shape[0]] = hidden
-        seq.nfeat += hidden.shape[0]
-
-    def _prefill(self, seq: _Sequence) -> int:
-        x = torch.tensor([seq.tokens], device=self.device)
-        logits, hidden = self._target_forward(seq, x, last_only=True)
-        self._keep_features(seq, hidden)
-        logits = logits[-1]
-        tok = int(self._next_token(logits, seq))
-        seq.tokens.append(tok)
-        return tok
-
-    def _draft(self, seq: _Sequence, cap: int) -> tuple[list[int], torch.Tensor | None]:
-        """Up to ``cap`` drafter tokens after the pending one, stopping early on AdaEDL's entropy bound.
-        Returns (drafts, their distributions q when sampling)."""
-        p = seq.params
-        greedy = is_greedy(p.temperature)
+    def _draft(self, rows: list[tuple[_Sequence, int]]) -> dict[int, tuple[list[int], torch.Tensor | None]]:
+        """Drafter tokens for every (sequence, cap) in ``rows``, all rows in one drafter forward per draft
+        position, each stopping on its cap or AdaEDL's entropy bound. Returns {slot: (drafts, q when sampling)}."""
+        cache = self._drafter_cache()
+        feature = getattr(self.drafter, "kind", None) == "feature"
         kept = self.drafter.kept_ids
         threshold = self.controller.entropy_threshold
-        x = torch.tensor([seq.tokens[seq.dlen:]], device=self.device)
-        feats = None
-        if getattr(self.drafter, "kind", None) == "feature":
-            # Position i pairs token i with the target's feature at i - 1 (zeros before the first token).
-            lo = seq.dlen
-            prev = seq.feats[max(lo - 1, 0):seq.nfeat]
-            if lo == 0:
-                prev = torch.cat([torch.zeros_like(prev[:1]), prev])
-            feats = prev.unsqueeze(0)
-        drafts: list[int] = []
-        qs: list[torch.Tensor] = []
-        for _ in range(cap):
-            logits, hidden = self._drafter_forward(x, seq.dcache, feats)
-            logits = logits[0, -1].float()
-            seq.dlen += x.shape[1]
-            if hidden is not None:  # drafting ahead feeds the drafter's own predicted feature back in
-                feats = hidden[:, -1:]
-            if greedy:
-                q = torch.softmax(logits, -1)
-                tok_dev = kept[q.argmax()]
-            else:
-                q = logits_to_probs(to_full_logits(logits, kept, self.vocab_size), p.temperature, p.top_k, p.top_p)
-                if seq.noise_seed is not None:  # the noise the target will use at this position
-                    tok_dev = gumbel_argmax(q, self._noise(seq, len(seq.tokens) + len(drafts), 1)[0])
+        # A long backlog (a new request's prompt) is read alone first, so that one row does not pad the others.
+        for seq, _ in rows:
+            if len(seq.tokens) - seq.dlen > 8:
+                ids, f = self._backlog(seq, len(seq.tokens) - 1)
+                lengths = torch.tensor([seq.dlen], device=self.device)
+                self._drafter_forward(torch.tensor([ids], device=self.device), cache, seq.slot, lengths,
+                                      f[None] if feature else None)
+                seq.dlen += len(ids)
+        lo = min(s.slot for s, _ in rows)
+        b = max(s.slot for s, _ in rows) - lo + 1
+        by_slot = {s.slot: (s, cap) for s, cap in rows}
+        pending = {s.slot: self._backlog(s, len(s.tokens)) for s, _ in rows}  # the first forward's inputs
+        out = {s.slot: ([], []) for s, _ in rows}
+        live = set(by_slot)
+        step_feats: dict[int, torch.Tensor] = {}
+        while live:
+            T = max(len(pending[r][0]) for r in live)
+            x = torch.zeros(b, T, dtype=torch.long, device=self.device)
+            f = torch.zeros(b, T, self.hidden_size, device=self.device) if feature else None
+            lengths = torch.zeros(b, dtype=torch.long)
+            for r in range(lo, lo + b):
+                seq = by_slot[r][0] if r in by_slot else self.active[r] if r < len(self.active) else None
+                lengths[r - lo] = seq.dlen if seq is not None else 0
+            for r in live:
+                ids, fr = pending[r]
+                x[r - lo, :len(ids)] = torch.tensor(ids)
+                if feature:
+                    f[r - lo, :len(ids)] = fr
+            logits, hidden = self._drafter_forward(x, cache, lo, lengths, f)
+            picks = []
+            for r in sorted(live):
+                seq, cap = by_slot[r]
+                n = len(pending[r][0])
+                seq.dlen += n
+                q, tok = self._draft_pick(seq, logits[r - lo, n - 1].float(), kept, len(out[r][0]))
+                picks.append((r, q, tok, entropy(q)))
+                if feature:
+                    step_feats[r] = hidden[r - lo, n - 1:n]
+            got = torch.stack([torch.stack([t.to(q.dtype), h]) for _, q, t, h in picks]).tolist()  # one sync
+            for (r, q, _, _), (tok, h) in zip(picks, got):
+                seq, cap = by_slot[r]
+                if threshold is not None and adaedl_should_stop(h, self.spec.adaedl_gamma, threshold):
+                    live.discard(r)
+                    continue
+                out[r][0].append(int(tok))
+                if not is_greedy(seq.params.temperature):
+                    out[r][1].append(q)
+                if len(out[r][0]) >= cap:
+                    live.discard(r)
                 else:
-                    tok_dev = torch.multinomial(q, 1, generator=seq.generator)[0]
-            tok, h = torch.stack([tok_dev.to(q.dtype), entropy(q)]).tolist()  # one sync for both
-            if threshold is not None and adaedl_should_stop(h, self.spec.adaedl_gamma, threshold):
-                break
-            drafts.append(int(tok))
-            if not greedy:
-                qs.append(q)
-            x = torch.tensor([[int(tok)]], device=self.device)
-        return drafts, (torch.stack(qs) if qs else None)
+                    # drafting ahead feeds the drafter's own predicted feature back in
+                    pending[r] = ([int(tok)], step_feats.get(r))
+        return {r: (d, torch.stack(qs) if qs else None) for r, (d, qs) in out.items()}
 
-    def _drafter_forward(self, x: torch.Tensor, cache, feats: torch.Tensor | None):
-        """Either drafter kind behind one call: (kept-vocabulary logits, predicted features or None)."""
-        if getattr(self.drafter, "kind", None) == "feature":
-            return self.drafter(x, feats, cache)
-        return self.drafter(x, cache), None
+    def _draft_pick(self, seq: _Sequence, logits: torch.Tensor, kept: torch.Tensor, i: int):
+        """(q, token) of one draft position: the drafter's distribution and its greedy or sampled token."""
+        p = seq.params
+        if is_greedy(p.temperature):
+            q = torch.softmax(logits, -1)
+            return q, kept[q.argmax()]
+        q = logits_to_probs(to_full_logits(logits, kept, self.vocab_size), p.temperature, p.top_k, p.top_p)
+        if seq.noise_seed is not None:  # the noise the target will use at this position
+            return q, gumbel_argmax(q, self._noise(seq, len(seq.tokens) + i, 1)[0])
+        return q, torch.multinomial(q, 1, generator=seq.generator)[0]
 
     def _observe(self, seq: _Sequence, old_len: int, drafts: list[int], n: int, nxt: int,
                  row: torch.Tensor, source: str = "model") -> None:
@@ -541,62 +718,89 @@ class SpeculativeEngine:
             context=seq.tokens[max(0, old_len - self.record_context):old_len], drafts=drafts, accepted=n,
             target_token=nxt, topk_ids=top.indices.tolist(), topk_logprobs=top.values.tolist(),
             drafter_version=getattr(self.drafter, "version", None), temperature=float(seq.params.temperature),
-            source=source))
+            source=source, request=seq.tag))
 
-    def _ends(self, seq: _Sequence, new: list[int], budget: int) -> bool:
+    def _ends(self, seq: _Sequence, new: list[int]) -> bool:
         """Whether this round's tokens end the request (what _finish will find)."""
-        return any(t in self.stop_ids for t in new) or len(seq.tokens) - seq.prompt_len >= budget \
+        return any(t in self.stop_ids for t in new) or seq.produced >= seq.budget \
             or len(seq.tokens) >= self.max_context
 
-    def _round(self, seq: _Sequence, speculate: bool, budget: int, stats: GenerationStats) -> list[int]:
-        if self._next_drafter is not None:
-            self._take_swap(seq)
-        if speculate:  # a request that saw a swap reports the drafter that finished it
-            stats.drafter_version = getattr(self.drafter, "version", None)
-        old_len = len(seq.tokens)  # the pending token sits at old_len - 1
-        room = min(self.max_context - old_len - 1, budget - (old_len - seq.prompt_len))
-        source, cap, sd = self._plan(seq, speculate, room)
-        if source == "suffix":
-            drafts, q = sd.tokens, None
-            if not is_greedy(seq.params.temperature):  # a deterministic proposal: q is one-hot
-                q = torch.zeros(len(drafts), self.vocab_size, device=self.device)
-                q[torch.arange(len(drafts)), torch.tensor(drafts)] = 1.0
-        else:
-            drafts, q = self._draft(seq, cap) if cap > 0 else ([], None)
+    # ---- one verification round ----------------------------------------------------------------------------
+    def _round(self, rows: list[_Sequence]) -> None:
+        """Draft for every row (its own source and length), verify all rows in one target forward, keep each
+        row's accepted prefix and the target's next token."""
+        self._use_rows(len(rows))
+        cap = self.controller.draft_cap() if any(s.speculate for s in rows) else 0
+        plans = {s.slot: self._plan(s, cap) for s in rows}
+        model_rows = [(s, plans[s.slot][1]) for s in rows if plans[s.slot][0] == "model"]
+        drafted = self._draft(model_rows) if model_rows else {}
+        inputs = {}
+        for s in rows:
+            source, _, sd = plans[s.slot]
+            if source == "suffix":
+                drafts, q = sd.tokens, None
+                if not is_greedy(s.params.temperature):  # a deterministic proposal: q is one-hot
+                    q = torch.zeros(len(drafts), self.vocab_size, device=self.device)
+                    q[torch.arange(len(drafts)), torch.tensor(drafts)] = 1.0
+            else:
+                drafts, q = drafted.get(s.slot, ([], None))
+            inputs[s.slot] = (drafts, q)
+        b = len(rows)  # rows are the active ones, in slots 0..b-1
+        T = 1 + max(len(d) for d, _ in inputs.values())
+        x = torch.zeros(b, T, dtype=torch.long, device=self.device)
+        for s in rows:
+            row = [s.tokens[-1]] + inputs[s.slot][0]
+            x[s.slot, :len(row)] = torch.tensor(row)
+        hidden = self._target_rows(x, 0, [s.tlen for s in rows])
+        # The head reads the real positions only (padding would cost a vocabulary-wide product each).
+        counts = [1 + len(inputs[s.slot][0]) for s in rows]
+        flat = torch.cat([hidden[s.slot, :c] for s, c in zip(rows, counts)])
+        logits_all = self.target.lm_head(flat).float().split(counts)
+        verdicts = []
+        for s, logits in zip(rows, logits_all):
+            drafts, q = inputs[s.slot]
+            d = torch.tensor(drafts, device=self.device, dtype=torch.long)
+            old_len = len(s.tokens)
+            if is_greedy(s.params.temperature):
+                n, nxt = greedy_verify(d, logits)
+            else:
+                probs = logits_to_probs(logits, s.params.temperature, s.params.top_k, s.params.top_p)
+                if s.noise_seed is not None:
+                    n, nxt = coupled_verify(d, probs, self._noise(s, old_len, len(drafts) + 1))
+                else:
+                    n, nxt = rejection_verify(d, q if q is not None else probs[:0], probs, s.generator)
+            verdicts.append(torch.stack([n, nxt]))
+        for s, logits, (n, nxt) in zip(rows, logits_all, torch.stack(verdicts).tolist()):
+            self._accept(s, plans[s.slot], inputs[s.slot][0], n, nxt, logits, hidden[s.slot])
+
+    def _accept(self, seq: _Sequence, plan, drafts: list[int], n: int, nxt: int, logits: torch.Tensor,
+                hidden: torch.Tensor) -> None:
+        source, cap, sd = plan
         k = len(drafts)
         if k == 0:
             source = "none"
-        x = torch.tensor([[seq.tokens[-1]] + drafts], device=self.device)
-        logits, hidden = self._target_forward(seq, x)
-        logits = logits.float()
-        d = torch.tensor(drafts, device=self.device, dtype=torch.long)
-        if is_greedy(seq.params.temperature):
-            n, nxt = greedy_verify(d, logits)
-        else:
-            probs = logits_to_probs(logits, seq.params.temperature, seq.params.top_k, seq.params.top_p)
-            if seq.noise_seed is not None:
-                n, nxt = coupled_verify(d, probs, self._noise(seq, old_len, k + 1))
-            else:
-                n, nxt = rejection_verify(d, q if q is not None else probs[:0], probs, seq.generator)
-        n, nxt = torch.stack([n, nxt]).tolist()
-
-        rollback(seq.tcache, old_len + n)
+        old_len = len(seq.tokens)  # the pending token sat at old_len - 1
+        seq.tlen = old_len + n
         self._keep_features(seq, hidden[:n + 1])
         # A feature drafter's cache past the pending token was built on its own predicted features: it re-reads
         # those positions with the target's real ones next round.
         seq.dlen = min(seq.dlen, old_len if getattr(self.drafter, "kind", None) == "feature" else old_len + n)
-        rollback(seq.dcache, seq.dlen)
         new = drafts[:n] + [nxt]
         seq.tokens.extend(new)
-
+        seq.new = new
+        if seq.params.logprobs is not None:
+            seq.logprobs = self._logprobs(logits[:n + 1], new, seq.params.logprobs)
+        if seq.speculate:  # a request that saw a swap reports the drafter that finished it
+            seq.stats.drafter_version = getattr(self.drafter, "version", None)
         if self.round_observer is not None:
             seq.unrecorded += len(new)
             # The request's last round also sends its tail: with coverage on, every served token reaches the
             # trainer inside some record's window.
             if n < k or (self.record_coverage and (seq.unrecorded >= self.record_coverage
-                                                   or self._ends(seq, new, budget))):
+                                                   or self._ends(seq, new))):
                 seq.unrecorded = 0
                 self._observe(seq, old_len, drafts, n, nxt, logits[n], source)
+        stats = seq.stats
         stats.target_forwards += 1
         stats.drafted += k
         stats.accepted += n
@@ -609,4 +813,3 @@ class SpeculativeEngine:
         elif source == "suffix":
             ema = self.spec.acceptance_ema
             self.suffix_trust = min(1.0, max(0.05, ema * self.suffix_trust + (1 - ema) * n / sd.score))
-        return new

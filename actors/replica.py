@@ -2,27 +2,27 @@
 stream logger. A plain class: tests call it directly; cluster/serve.py wraps it in a Ray Serve deployment.
 
 A request is a dict (cluster/api.py validated it): ``prompt`` or ``messages``, ``max_tokens``, ``temperature``,
-``top_p``, ``top_k``, ``seed``, ``label``, ``request_id``. ``stream`` yields events (dicts with a ``type``):
+``top_p``, ``top_k``, ``seed``, ``stop`` (strings), ``logprobs`` (None or how many alternatives), ``label``,
+``request_id``. ``stream`` yields events (dicts with a ``type``):
   start  {prompt_tokens}                       the prompt was accepted; tokens follow
-  delta  {text, token_ids}                     new text of one verification round
+  delta  {text, token_ids, logprobs?}          new text of one verification round
   end    {finish_reason, usage, replica}       usage: token counts and acceptance figures
   error  {status, error: {message, type, param, code}}   before any token: the request was refused
-The engine is not thread-safe: the async methods run every engine step on one worker thread, one request at a
-time, and stop generating at the next round when the caller goes away (a client disconnect).
+One decoding thread owns the engine and runs its steps while any request is in it: requests join the batch
+between rounds and leave when done, or when their caller goes away (a client disconnect). A request beyond
+``server.max_batch`` decoding and as many again waiting is refused with 429.
 """
 from __future__ import annotations
 
 import asyncio
+import queue
+import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 from onspec.actors.engine import GenerationStats, RequestError, SamplingParams
 from onspec.cluster.config import OnspecConfig
-
-_END = object()
-
 
 def error_event(message: str, param: str | None = None, code: str | None = None, status: int = 400,
                 type: str = "invalid_request_error") -> dict:
@@ -40,6 +40,21 @@ def usage_of(stats: GenerationStats) -> dict:
             "draft_sources": stats.source_dict()}
 
 
+class _Job:
+    """A request inside the replica: its engine sequence, what it has streamed, and where its events go."""
+
+    def __init__(self, req: dict, emit: Callable[[dict], None]):
+        self.req, self.emit = req, emit
+        self.seq = None
+        self.stats = GenerationStats()
+        self.out: list[int] = []
+        self.sent = ""                       # text streamed so far
+        self.stop = [s for s in (req.get("stop") or []) if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1  # chars that may yet become a stop string
+        self.logprobs: list = []             # (token id, logprob, top) not yet streamed
+        self.done = False
+
+
 class Replica:
     def __init__(self, cfg: OnspecConfig, engine=None, logger=None, replica_id: str | None = None):
         if engine is None:
@@ -51,15 +66,19 @@ class Replica:
         engine.record_topk = cfg.stream.topk
         engine.record_coverage = cfg.stream.coverage_every
         self.set_stream_enabled(cfg.stream.enabled)
-        self._label, self._request_id = "", ""
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="onspec-engine")
-        self._lock = asyncio.Lock()
         self.cancelled = 0  # requests whose caller went away mid-generation
-        self.in_flight = 0  # requests running or waiting here (what the trainer yields to)
+        self.in_flight = 0  # requests decoding or waiting here (what the trainer yields to)
+        self.refused = 0    # requests turned away with 429 (batch and queue full)
+        self.max_waiting = getattr(engine, "max_rows", 1)  # beyond max_batch decoding: this many wait, then 429
         self.watcher = None  # actors/hot_swap.DrafterWatcher, when a registry is configured
         self.sharer = None   # actors/suffix_share.SuffixSharer, when Redis is configured
         self.generate_s = 0.0  # time spent generating, and the part of it spent handing records to the logger
         self.observer_s = 0.0
+        self.max_batch_seen = 0
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="onspec-engine", daemon=True)
+        self._thread.start()
 
     # ---- rejection records ----------------------------------------------------------------------------------
     def set_stream_enabled(self, enabled: bool) -> None:
@@ -73,14 +92,16 @@ class Replica:
     def _on_round(self, rec) -> None:
         # On the decode path: only a buffer append; encoding and the write happen on the logger's thread.
         t = time.perf_counter()
-        self.logger.log((rec, self._label, time.time(), self._request_id))
+        label, request_id = rec.request or ("", "")
+        self.logger.log((rec, label, time.time(), request_id))
         self.observer_s += time.perf_counter() - t
 
-    # ---- the sync interface ----------------------------------------------------------------------------------
+    # ---- requests --------------------------------------------------------------------------------------------
     def _prepare(self, req: dict) -> tuple[list[int], SamplingParams] | dict:
         param = "messages" if req.get("messages") is not None else "prompt"
         params = SamplingParams(max_tokens=req.get("max_tokens") or 16, temperature=req.get("temperature", 1.0),
-                                top_p=req.get("top_p", 1.0), top_k=req.get("top_k") or 0, seed=req.get("seed"))
+                                top_p=req.get("top_p", 1.0), top_k=req.get("top_k") or 0, seed=req.get("seed"),
+                                logprobs=req.get("logprobs"))
         try:
             params.validate()
         except RequestError as e:
@@ -100,52 +121,162 @@ class Replica:
             return error_event(str(e), param=param, code=code)
         return ids, params
 
+    def submit(self, req: dict, emit: Callable[[dict], None]) -> _Job | None:
+        """Hand a request to the decoding thread; its events go to ``emit`` (called on that thread). None, after
+        a 429 event, when the batch and its queue are full."""
+        limit = getattr(self.engine, "max_rows", 1) + self.max_waiting
+        if self.in_flight >= limit:
+            self.refused += 1
+            emit(error_event(f"this replica is busy ({self.in_flight} requests decoding or waiting); retry "
+                             "shortly", code="overloaded", status=429, type="rate_limit_error"))
+            return None
+        job = _Job(req, emit)
+        self.in_flight += 1
+        self._load_changed()
+        self._inbox.put(("submit", job))
+        return job
+
+    def cancel(self, job: _Job) -> None:
+        """The caller went away: the request leaves the batch at the next step."""
+        self._inbox.put(("cancel", job))
+
     def stream(self, req: dict) -> Iterator[dict]:
-        prepared = self._prepare(req)
-        if isinstance(prepared, dict):
-            yield prepared
-            return
-        ids, params = prepared
-        self._label, self._request_id = req.get("label") or "", req.get("request_id") or ""
-        yield {"type": "start", "prompt_tokens": len(ids)}
-        stats = GenerationStats()
-        tok = self.engine.tokenizer
-        out: list[int] = []
-        sent = ""
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        job = self.submit(req, events.put)
+        done = False
         try:
-            for new in self.engine.stream(ids, params, speculate=True, stats=stats):
-                out.extend(new)
-                text = tok.decode(out, skip_special_tokens=True)
-                # Hold back a partly decoded multi-byte character until its last byte arrives.
-                if text.endswith("\ufffd") or not text.startswith(sent):
-                    continue
-                yield {"type": "delta", "text": text[len(sent):], "token_ids": new}
-                sent = text
-            text = tok.decode(out, skip_special_tokens=True)
-            if len(text) > len(sent) and text.startswith(sent):
-                yield {"type": "delta", "text": text[len(sent):], "token_ids": []}
-        except RequestError as e:
-            yield error_event(str(e))
-            return
-        except Exception as e:  # an engine failure: the caller gets a server error, the replica lives on
-            yield error_event(f"generation failed: {type(e).__name__}: {e}", status=500, type="server_error")
-            return
+            while True:
+                ev = events.get()
+                done = ev["type"] in ("end", "error")
+                yield ev
+                if done:
+                    return
         finally:
-            self._label, self._request_id = "", ""
-            self.generate_s += stats.elapsed_s
-        yield {"type": "end", "finish_reason": stats.finish_reason or "length", "usage": usage_of(stats),
-               "replica": self.stats()}
+            if not done and job is not None:
+                self.cancel(job)
 
     def complete(self, req: dict) -> dict:
         return collect(self.stream(req))
 
+    # ---- the decoding thread -----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        jobs: dict[int, _Job] = {}  # id(seq) -> job
+        while not self._closed:
+            block = not self.engine.busy  # idle: sleep until a request (or a swap, or close) arrives
+            while True:
+                try:
+                    cmd = self._inbox.get(block=block)
+                except queue.Empty:
+                    break
+                self._command(cmd, jobs)
+                block = False
+            if self._closed:
+                return
+            self.engine.apply_pending_swap()
+            if not self.engine.busy:
+                continue
+            try:
+                touched = self.engine.step()
+            except Exception as e:  # an engine failure: its requests get a server error, the replica lives on
+                for job in list(jobs.values()):
+                    self._fail(job, jobs, error_event(f"generation failed: {type(e).__name__}: {e}", status=500,
+                                                      type="server_error"))
+                continue
+            self.max_batch_seen = max(self.max_batch_seen, len(self.engine.active))
+            for seq in touched:
+                job = jobs.get(id(seq))
+                if job is not None:
+                    self._emit_tokens(job, seq, jobs)
+
+    def _command(self, cmd, jobs: dict) -> None:
+        kind, job = cmd
+        if kind == "wake":
+            return
+        if kind == "cancel":
+            if job.seq is not None and not job.done:
+                self.engine.cancel(job.seq)
+                self.cancelled += 1
+                self._retire(job, jobs)
+            return
+        prepared = self._prepare(job.req)
+        if isinstance(prepared, dict):
+            self._fail(job, jobs, prepared)
+            return
+        ids, params = prepared
+        try:
+            job.seq = self.engine.submit(ids, params, speculate=True, stats=job.stats,
+                                         tag=(job.req.get("label") or "", job.req.get("request_id") or ""))
+        except RequestError as e:
+            self._fail(job, jobs, error_event(str(e)))
+            return
+        jobs[id(job.seq)] = job
+        job.emit({"type": "start", "prompt_tokens": len(ids)})
+
+    def _emit_tokens(self, job: _Job, seq, jobs: dict) -> None:
+        tok = self.engine.tokenizer
+        if seq.new:
+            job.out.extend(seq.new)
+            if seq.params.logprobs is not None:
+                job.logprobs += [(t, lp, top) for t, (lp, top) in zip(seq.new, seq.logprobs)]
+        text = tok.decode(job.out, skip_special_tokens=True)
+        finished = seq.finished
+        cut = self._stop_at(job, text)
+        if cut is not None:  # a stop string: the text ends before it, the request ends here
+            text, finished = text[:cut], True
+            job.stats.finish_reason = "stop"
+            if not seq.finished:
+                self.engine.cancel(seq)
+        # Hold back a partly decoded multi-byte character, and the tail that may still grow into a stop string.
+        ready = len(text) if finished else len(text) - job.hold
+        if finished or (not text.endswith("\ufffd") and text.startswith(job.sent)):
+            piece = text[len(job.sent):max(ready, len(job.sent))]
+            if piece or job.logprobs:
+                ev = {"type": "delta", "text": piece, "token_ids": seq.new if seq.new else []}
+                if seq.params.logprobs is not None:
+                    ev["logprobs"] = [(tok.decode([t]), lp, [(tok.decode([i]), v) for i, v in top])
+                                      for t, lp, top in job.logprobs]
+                    job.logprobs = []
+                job.emit(ev)
+                job.sent += piece
+        if finished:
+            if job.stats.finish_reason == "cancelled":
+                job.stats.finish_reason = "stop"
+            job.emit({"type": "end", "finish_reason": job.stats.finish_reason or "length",
+                      "usage": usage_of(job.stats), "replica": self.stats()})
+            self.generate_s += job.stats.elapsed_s
+            self._retire(job, jobs)
+
+    @staticmethod
+    def _stop_at(job: _Job, text: str) -> int | None:
+        """Where the first stop string starts in ``text`` (searching only what could contain a new one)."""
+        if not job.stop:
+            return None
+        start = max(0, len(job.sent) - job.hold)
+        hits = [i for i in (text.find(s, start) for s in job.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _fail(self, job: _Job, jobs: dict, event: dict) -> None:
+        if job.seq is not None and not job.seq.finished:
+            self.engine.cancel(job.seq)
+        job.emit(event)
+        self._retire(job, jobs)
+
+    def _retire(self, job: _Job, jobs: dict) -> None:
+        if job.done:
+            return
+        job.done = True
+        if job.seq is not None:
+            jobs.pop(id(job.seq), None)
+        self.in_flight -= 1
+        self._load_changed()
+
     def load(self) -> dict:
-        return {"in_flight": self.in_flight, "queued": max(0, self.in_flight - 1)}
+        rows = getattr(self.engine, "max_rows", 1)
+        return {"in_flight": self.in_flight, "queued": max(0, self.in_flight - rows)}
 
     def apply_pending_swap(self) -> None:
-        """Queue the drafter swap on the engine's own thread: it runs between two rounds of a request, or at
-        once when the replica is idle."""
-        self._pool.submit(self.engine.apply_pending_swap)
+        """Wake the decoding thread: it takes the drafter between two rounds, or at once when idle."""
+        self._inbox.put(("wake", None))
 
     def _load_changed(self) -> None:
         if self.watcher is not None:
@@ -153,6 +284,7 @@ class Replica:
 
     def stats(self) -> dict:
         return {"replica_id": self.replica_id, "cancelled": self.cancelled, "in_flight": self.in_flight,
+                "refused": self.refused, "max_batch_seen": self.max_batch_seen,
                 "drafter_version": getattr(self.engine.drafter, "version", None),
                 "drafter_swaps": self.engine.swaps,
                 "drafter_refused": self.watcher.refused if self.watcher is not None else 0,
@@ -173,34 +305,19 @@ class Replica:
     # ---- the async interface (what the deployment exposes) ----------------------------------------------------
     async def astream(self, req: dict) -> AsyncIterator[dict]:
         loop = asyncio.get_running_loop()
-        self.in_flight += 1
-        self._load_changed()
-        inner = self._astream_locked(req, loop)
+        events: asyncio.Queue = asyncio.Queue()
+        job = self.submit(req, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        done = False
         try:
-            async for item in inner:
-                yield item
+            while True:
+                ev = await events.get()
+                done = ev["type"] in ("end", "error")
+                yield ev
+                if done:
+                    return
         finally:
-            await inner.aclose()  # now, not at garbage collection: the slot is freed before the count drops
-            self.in_flight -= 1
-            self._load_changed()
-
-    async def _astream_locked(self, req: dict, loop) -> AsyncIterator[dict]:
-        async with self._lock:
-            it = self.stream(req)
-            done = False
-            try:
-                while True:
-                    item = await loop.run_in_executor(self._pool, next, it, _END)
-                    if item is _END:
-                        done = True
-                        return
-                    done = item["type"] in ("end", "error")
-                    yield item
-            finally:
-                if not done:
-                    self.cancelled += 1
-                # Queued behind the round still running (if any): the generator stops, the next request waits.
-                self._pool.submit(it.close)
+            if not done and job is not None:
+                self.cancel(job)
 
     async def acomplete(self, req: dict) -> dict:
         return collect([item async for item in self.astream(req)])
@@ -209,13 +326,14 @@ class Replica:
         return await asyncio.to_thread(self.ready)
 
     def close(self) -> None:
+        self._closed = True
+        self._inbox.put(("wake", None))
         if self.watcher is not None:
             self.watcher.stop()
         if self.sharer is not None:
             self.sharer.close()
         if self.logger is not None:
             self.logger.close()
-        self._pool.shutdown(wait=False)
 
 
 def collect(events) -> dict:

@@ -145,7 +145,11 @@ class ServerConfig(_Strict):
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # an invalid key is never echoed
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    replicas: int = Field(1, ge=1, description="engine replicas (each one request at a time)")
+    replicas: int = Field(1, ge=1, description="engine replicas")
+    max_batch: int = Field(8, ge=1, le=64, description="requests one replica decodes together (continuous "
+                                                       "batching); more wait in its queue")
+    prefill_chunk: int = Field(256, ge=16, description="prompt tokens a joining request prefills per round, so "
+                                                       "that it holds up the decoding rows for one round at most")
     replica_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each engine replica")
     ray_address: Optional[str] = Field(None, description="join this Ray cluster; None starts a local one")
     served_model_name: Optional[str] = Field(None, description="the `model` clients send; None: model.name")

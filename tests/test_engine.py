@@ -1,9 +1,9 @@
 """Engine behaviour on tiny randomly initialised models (fast); the real model has its own tests."""
 import pytest
 import torch
-from transformers import DynamicCache
 
-from onspec.actors.engine import RequestError, SamplingParams, rollback
+from onspec.actors.engine import RequestError, SamplingParams
+from onspec.actors.row_cache import RowCache, body_forward
 from tests.conftest import tiny_engine, tiny_target
 
 PROMPTS = [[5, 9, 13], [1, 2, 3, 4, 5, 6, 7, 8], [40, 41, 40, 41, 40], [77]]
@@ -81,16 +81,39 @@ def test_seeded_sampling_is_the_target_alone_token_for_token():
     assert model_accepted > 0 and suffix_accepted > 0  # both kinds of draft were really judged
 
 
-def test_rollback_reuses_the_prefix_exactly():
+def test_ragged_rows_through_the_row_cache_equal_each_sequence_alone():
+    model = tiny_target()
+    torch.manual_seed(1)
+    rows = [torch.randint(0, 96, (n,)) for n in (7, 12, 3)]
+    with torch.inference_mode():
+        want = [model(input_ids=r[None]).logits[0] for r in rows]
+        cache = RowCache(model.model, slots=4, capacity=4)   # grows as rows get longer
+        lengths = torch.zeros(3, dtype=torch.long)
+        got = [[] for _ in rows]
+        for T in (3, 5, 4, 2):  # each row takes what it has left of T tokens; the rest is padding
+            x = torch.zeros(3, T, dtype=torch.long)
+            real = []
+            for i, r in enumerate(rows):
+                seg = r[int(lengths[i]):int(lengths[i]) + T]
+                x[i, :len(seg)] = seg
+                real.append(len(seg))
+            logits = model.lm_head(body_forward(model.model, model.model.embed_tokens(x), cache, 0, lengths))
+            for i, n in enumerate(real):
+                got[i].append(logits[i, :n])
+            lengths += torch.tensor(real)
+    for g, w in zip(got, want):
+        assert torch.allclose(torch.cat(g), w, atol=1e-5)
+
+
+def test_a_rejection_only_shortens_the_row():
     model = tiny_target()
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     with torch.inference_mode():
-        cache = DynamicCache()
-        model(input_ids=ids[:, :5], cache=cache, use_cache=True)
-        model(input_ids=torch.tensor([[7, 7, 7]]), cache=cache, use_cache=True)   # three rejected drafts
-        rollback(cache, 5)
-        assert cache.get_seq_length() == 5
-        after = model(input_ids=ids[:, 5:], cache=cache, use_cache=True).logits
+        cache = RowCache(model.model, slots=2)
+        emb = model.model.embed_tokens
+        body_forward(model.model, emb(ids[:, :5]), cache, 1, torch.tensor([0]))
+        body_forward(model.model, emb(torch.tensor([[7, 7, 7]])), cache, 1, torch.tensor([5]))  # 3 rejected
+        after = model.lm_head(body_forward(model.model, emb(ids[:, 5:]), cache, 1, torch.tensor([5])))
         fresh = model(input_ids=ids).logits[:, 5:]
     assert torch.allclose(after, fresh, atol=1e-5)
 

@@ -1,0 +1,90 @@
+"""Many sequences through one Llama body at once: a KV cache indexed by position per row (gpt-fast's layout) and
+the body's forward over ragged rows.
+
+Row ``r`` of a ``RowCache`` holds ``lengths[r]`` valid positions. A forward over rows ``start .. start+b-1``
+feeds each row T new tokens at positions ``lengths[r] .. lengths[r]+T-1``, writes their keys and values there
+and lets every query see the keys at positions <= its own. A row with fewer real tokens than T is padded: the
+padding writes junk at positions past the row's real ones, which no real query can see (causality) and which the
+row's next forward overwrites before reading. So rejecting drafts is only a smaller length (nothing is copied),
+rows of any lengths share one forward, and a finished row's slot is reused.
+
+Written here rather than taken from transformers: its caches keep one length for the whole batch (DynamicCache,
+StaticCache's shared cache_position), and padding a batch to one length would have to mask holes in every row
+after each rejection. The layers' own modules (projections, norms, MLP, rotary embedding) are transformers'.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+
+class RowCache:
+    """Keys and values of ``slots`` rows for every layer of one body, grown (doubling) as rows get longer."""
+
+    def __init__(self, body, slots: int, capacity: int = 256, max_capacity: int = 1 << 30):
+        cfg = body.config
+        self.layers = len(body.layers)
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        p = next(body.parameters())
+        self.dtype, self.device = p.dtype, p.device
+        self.slots, self.max_capacity = slots, max_capacity
+        self.capacity = 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.ensure(min(capacity, max_capacity))
+
+    def ensure(self, capacity: int) -> None:
+        """Room for ``capacity`` positions in every row (kept contents)."""
+        if capacity <= self.capacity:
+            return
+        new = min(max(capacity, 2 * self.capacity), max(self.max_capacity, capacity))
+        shape = (self.slots, self.kv_heads, new, self.head_dim)
+        k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        for old, fresh in zip(self.k + self.v, k + v):
+            fresh[:, :, :self.capacity] = old
+        self.k, self.v, self.capacity = k, v, new
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy row ``src``'s first ``length`` positions into row ``dst`` (packing rows after one leaves)."""
+        for t in self.k + self.v:
+            t[dst, :, :length] = t[src, :, :length]
+
+
+def body_forward(body, embeds: torch.Tensor, cache: RowCache, start: int, lengths: torch.Tensor) -> torch.Tensor:
+    """A LlamaModel's forward (``body``: its layers, rotary embedding and final norm) over ``embeds`` [b, T, H]
+    for cache rows ``start .. start+b-1`` holding ``lengths`` [b] positions. Writes the new keys and values at
+    positions lengths[r] + t and returns the post-norm hidden states [b, T, H] (what an lm_head reads)."""
+    b, T, _ = embeds.shape
+    steps = torch.arange(T, device=embeds.device)
+    pos = lengths.to(embeds.device)[:, None] + steps                     # [b, T]
+    span = int(lengths.max()) + T                                        # keys any query here can see
+    cache.ensure(span)
+    cos, sin = body.rotary_emb(embeds, pos)
+    keys = torch.arange(span, device=embeds.device)
+    mask = keys[None, None, None, :] <= pos[:, None, :, None]           # [b, 1, T, span]: causal per row
+    where = pos[:, None, :, None].expand(b, cache.kv_heads, T, cache.head_dim)
+    h = embeds
+    for i, layer in enumerate(body.layers):
+        h = _layer(layer, h, cos, sin, cache.k[i][start:start + b], cache.v[i][start:start + b], where, mask,
+                   span, cache.head_dim)
+    return body.norm(h)
+
+
+def _layer(layer, h, cos, sin, K, V, where, mask, span, head_dim):
+    """One decoder layer (pre-norm attention + MLP, as LlamaDecoderLayer) reading and writing rows K, V."""
+    attn = layer.self_attn
+    b, T, _ = h.shape
+    x = layer.input_layernorm(h)
+    q = attn.q_proj(x).view(b, T, -1, head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(b, T, -1, head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(b, T, -1, head_dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    K.scatter_(2, where, k.to(K.dtype))
+    V.scatter_(2, where, v.to(V.dtype))
+    o = F.scaled_dot_product_attention(q, K[:, :, :span], V[:, :, :span], attn_mask=mask,
+                                       enable_gqa=q.shape[1] != K.shape[1])
+    h = h + attn.o_proj(o.transpose(1, 2).reshape(b, T, -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
