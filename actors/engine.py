@@ -133,7 +133,8 @@ class DraftController:
         self.reset()
         # Seconds per target forward over n tokens, index n - 1 (set by SpeculativeEngine.calibrate).
         self.verify_cost = [1.0] * (cfg.max_draft + 1)
-        self.draft_cost = 0.05
+        self.draft_cost = 0.05  # one drafter token for one row
+        self.draft_scale = 1.0  # per-row drafter cost in the current batch / draft_cost (batching shares it)
 
     def reset(self) -> None:
         self.alpha = self.cfg.acceptance_prior
@@ -151,7 +152,8 @@ class DraftController:
             return self.cfg.fixed_k
         if not self.cfg.cost_aware:
             return self.cfg.max_draft
-        k, _ = best_draft_length(self.alpha, self.draft_cost, self.verify_cost, self.cfg.max_draft)
+        k, _ = best_draft_length(self.alpha, self.draft_cost * self.draft_scale, self.verify_cost,
+                                 self.cfg.max_draft)
         self.probing = False
         if k == 0:
             self.plain_steps += 1
@@ -264,6 +266,7 @@ class SpeculativeEngine:
         self.joining: collections.deque[_Sequence] = collections.deque()  # waiting for (or in) prefill
         self.tcache = RowCache(target.model, max_rows + 1, 64, self.max_context + 64)  # + 1: a joiner's row
         self.dcache: RowCache | None = None                     # the drafter's, made on its first draft
+        self._dcache_of = None
         # Seconds per target forward by rows (1, 2, 4, ...) and tokens per row (set by calibrate).
         self.batch_costs: dict[int, list[float]] = {}
         self.draft_costs: dict[int, float] = {}
@@ -323,8 +326,13 @@ class SpeculativeEngine:
             self.set_drafter(drafter)
 
     def _drafter_cache(self) -> RowCache:
-        if self.dcache is None:
-            self.dcache = RowCache(self.drafter.body, self.max_rows + 1, 64, self.max_context + 64)
+        """The current drafter's cache rows; a drafter assigned directly (bench decode switches modes that way)
+        gets fresh ones, and every row re-reads its sequence."""
+        if self.dcache is None or self._dcache_of is not self.drafter:
+            self.dcache, self._dcache_of = RowCache(self.drafter.body, self.max_rows + 1, 64,
+                                                    self.max_context + 64), self.drafter
+            for seq in self.active:
+                seq.dlen = 0
         return self.dcache
 
     # ---- costs ---------------------------------------------------------------------------------------------
@@ -367,24 +375,26 @@ class SpeculativeEngine:
                 best_draft[b] = min(best_draft[b], time.perf_counter() - t)
         self.batch_costs = {b: _interpolate({n: best[b, n] for n in sizes}, longest) for b in rows}
         self.draft_costs = best_draft
+        self.controller.draft_cost = best_draft[1]
         self._use_rows(1)
         self.calibrated = True
 
     def _row_costs(self, b: int) -> tuple[list[float], float]:
-        """Per-row target cost by tokens, and per-row drafter cost, of a round over ``b`` rows (interpolated)."""
+        """Per-row target cost by tokens, and the drafter's per-row cost relative to one row alone, of a round
+        over ``b`` rows (interpolated between the measured row counts)."""
         known = sorted(self.batch_costs)
         lo = max([r for r in known if r <= b], default=known[0])
         hi = min([r for r in known if r >= b], default=known[-1])
         w = 0.0 if hi == lo else (b - lo) / (hi - lo)
         verify = [((1 - w) * x + w * y) / b for x, y in zip(self.batch_costs[lo], self.batch_costs[hi])]
         draft = ((1 - w) * self.draft_costs[lo] + w * self.draft_costs[hi]) / b
-        return verify, draft
+        return verify, draft / self.draft_costs[1]
 
     def _use_rows(self, b: int) -> None:
         """Give the controller the costs of a round over ``b`` rows: the k it picks maximises accepted tokens per
         second of the whole batch, and falls to 0 (plain decoding) once the batch is compute-bound."""
         if self.batch_costs:
-            self.controller.verify_cost, self.controller.draft_cost = self._row_costs(b)
+            self.controller.verify_cost, self.controller.draft_scale = self._row_costs(b)
 
     # ---- requests ------------------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, speculate: bool = True,
@@ -598,7 +608,8 @@ class SpeculativeEngine:
         for the model; the index's own score, scaled by how well it has predicted so far, for the suffix)."""
         ctl = self.controller
         suffix_rate = (1.0 + self.suffix_trust * d.score) / self._verify_cost(len(d.tokens) + 1)
-        _, speedup = best_draft_length(ctl.alpha, ctl.draft_cost, ctl.verify_cost, self.spec.max_draft)
+        _, speedup = best_draft_length(ctl.alpha, ctl.draft_cost * ctl.draft_scale, ctl.verify_cost,
+                                       self.spec.max_draft)
         return suffix_rate > speedup / ctl.verify_cost[0]
 
     def _plan(self, seq: _Sequence, cap: int) -> tuple[str, int, SuffixDraft | None]:

@@ -75,6 +75,7 @@ class Replica:
         self.generate_s = 0.0  # time spent generating, and the part of it spent handing records to the logger
         self.observer_s = 0.0
         self.max_batch_seen = 0
+        self.speculate = True  # off: target-only decoding (a baseline switch for benchmarks)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="onspec-engine", daemon=True)
@@ -204,7 +205,7 @@ class Replica:
             return
         ids, params = prepared
         try:
-            job.seq = self.engine.submit(ids, params, speculate=True, stats=job.stats,
+            job.seq = self.engine.submit(ids, params, speculate=self.speculate, stats=job.stats,
                                          tag=(job.req.get("label") or "", job.req.get("request_id") or ""))
         except RequestError as e:
             self._fail(job, jobs, error_event(str(e)))
@@ -338,14 +339,16 @@ class Replica:
 
 def collect(events) -> dict:
     """Stream events folded into one response: {text, token_ids, finish_reason, usage, replica} or an error."""
-    text, ids = [], []
+    text, ids, logprobs = [], [], None
     for ev in events:
         if ev["type"] == "error":
             return ev
         if ev["type"] == "delta":
             text.append(ev["text"])
             ids.extend(ev["token_ids"])
+            if "logprobs" in ev:
+                logprobs = (logprobs or []) + ev["logprobs"]
         elif ev["type"] == "end":
-            return {"type": "result", "text": "".join(text), "token_ids": ids,
+            return {"type": "result", "text": "".join(text), "token_ids": ids, "logprobs": logprobs,
                     "finish_reason": ev["finish_reason"], "usage": ev["usage"], "replica": ev["replica"]}
     return error_event("generation ended without a result", status=500, type="server_error")

@@ -61,6 +61,9 @@ Int = Annotated[int, BeforeValidator(_json_number)]
 Float = Annotated[float, BeforeValidator(_json_number)]
 
 
+MAX_CHOICES = 8  # n: at most one batch of rows per request
+
+
 class _Request(BaseModel):
     # OpenAI clients send fields we do not use (user, frequency_penalty, ...): accept and ignore them.
     model_config = ConfigDict(extra="ignore")
@@ -70,8 +73,9 @@ class _Request(BaseModel):
     top_p: Float = Field(1.0, gt=0.0, le=1.0)
     top_k: Int = Field(0, ge=0, description="onspec extension: 0 = no top-k cut")
     seed: Int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="torch's seed range")
-    n: Int = Field(1, ge=1, le=1, description="one choice per request")
-    stop: str | list[str] | None = None
+    n: Int = Field(1, ge=1, le=MAX_CHOICES, description="choices per request (each decoded as its own sequence "
+                                                        "of the batch)")
+    stop: str | list[str] | None = Field(None, description="up to 4 strings; the text ends before the first")
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
     label: str | None = Field(None, pattern=LABEL_PATTERN,
@@ -81,6 +85,8 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
+    logprobs: Int | None = Field(None, ge=0, le=5, description="log-probabilities of the chosen tokens and of the "
+                                                              "likeliest this many, under the target")
 
 
 class TextPart(BaseModel):
@@ -98,6 +104,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Int | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Int | None = Field(None, ge=0, le=20)
 
 
 class _AdminBody(BaseModel):
@@ -292,6 +300,8 @@ class Metrics:
         self.drafted = Counter("onspec_spec_draft_tokens", "drafted tokens", ["label"], registry=r)
         self.accepted = Counter("onspec_spec_accepted_tokens", "accepted draft tokens", ["label"], registry=r)
         self.cancelled = Counter("onspec_requests_cancelled", "streams the client left early", registry=r)
+        self.retried = Counter("onspec_requests_retried", "requests sent again to another replica after theirs "
+                                                          "failed before streaming a token", registry=r)
         self._per_version(r)
         self.replicas: dict[str, dict] = {}
         self.seen: dict[str, float] = {}  # replica id -> when it last reported
@@ -593,8 +603,13 @@ def create_app(cfg: OnspecConfig, backend, registry=None, history: History | Non
         if req.model is not None and req.model != model_name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found", type="not_found_error")
-        if req.stop:
-            raise APIError(400, "stop sequences are not supported", param="stop", code="unsupported")
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > 4:
+            raise APIError(400, f"stop takes at most 4 sequences, got {len(stops)}", param="stop",
+                           code="invalid_value")
+        req.stop = [x for x in stops if x]
+        if isinstance(req, ChatCompletionRequest) and req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
         return req
 
     def sampling(req: _Request, max_tokens: int | None, default_max: int) -> dict:
@@ -606,77 +621,150 @@ def create_app(cfg: OnspecConfig, backend, registry=None, history: History | Non
         if n > cfg.server.max_tokens_limit:
             raise APIError(400, f"{param} must be at most {cfg.server.max_tokens_limit}, got {n}", param=param,
                            code="invalid_value")
+        if isinstance(req, ChatCompletionRequest):
+            logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        else:
+            logprobs = req.logprobs
         return {"max_tokens": n, "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
-                "seed": req.seed, "label": req.label, "request_id": uuid.uuid4().hex}
+                "seed": req.seed, "label": req.label, "request_id": uuid.uuid4().hex, "stop": req.stop,
+                "logprobs": logprobs}
+
+    def unavailable(e: Exception) -> APIError:
+        if type(e).__name__ == "BackPressureError":  # Ray Serve's queue for the replicas is full
+            return APIError(429, "every replica is busy and the queue is full; retry shortly", type="rate_limit_error",
+                            code="overloaded")
+        return APIError(503, f"no replica could serve the request: {type(e).__name__}", type="server_error",
+                        code="unavailable")
+
+    def choices(req: _Request, payload: dict) -> list[dict]:
+        """One backend request per choice: its own request id and, when seeded, its own seed."""
+        return [{**payload, "request_id": uuid.uuid4().hex if i else payload["request_id"],
+                 "seed": None if req.seed is None else (req.seed + i) % 2**64} for i in range(req.n)]
+
+    async def complete_once(payload: dict) -> dict:
+        """A replica that dies takes nothing the client saw: retry once on another one."""
+        for attempt in (0, 1):
+            try:
+                return await backend.complete(payload)
+            except Exception as e:  # noqa: BLE001 -- the replica is gone or overloaded
+                if attempt or type(e).__name__ == "BackPressureError":
+                    raise unavailable(e) from None
+                payload = {**payload, "request_id": uuid.uuid4().hex}
+                metrics.retried.inc()
+
+    async def events_once(payload: dict):
+        """The backend's event stream; a replica failure before any token was streamed is retried once."""
+        for attempt in (0, 1):
+            events = backend.stream(payload)
+            streamed = False
+            try:
+                async for ev in events:
+                    streamed = streamed or ev["type"] == "delta"
+                    yield ev
+                return
+            except Exception as e:  # noqa: BLE001
+                if streamed or attempt or type(e).__name__ == "BackPressureError":
+                    raise
+                payload = {**payload, "request_id": uuid.uuid4().hex}
+                metrics.retried.inc()
+            finally:
+                await events.aclose()
+
+    def refusal(status: int, error: dict) -> JSONResponse:
+        return JSONResponse({"error": error}, status_code=status,
+                            headers={"Retry-After": "1"} if status == 429 else None)
 
     async def call(endpoint: str, req: _Request, payload: dict, render) -> Any:
         t0 = time.perf_counter()
         if req.stream:
-            return await stream(endpoint, req, payload, render, t0)
-        try:
-            res = await backend.complete(payload)
-        except Exception as e:  # noqa: BLE001 -- the replica is gone or overloaded: the client may retry
-            raise APIError(503, f"no replica could serve the request: {type(e).__name__}", type="server_error",
-                           code="unavailable") from None
-        if res["type"] == "error":
-            metrics.requests.labels(endpoint, str(res["status"])).inc()
-            return error_response(res["status"], res["error"])
-        record(req.label, res["usage"], res.get("replica"), t0)
+            return await stream(endpoint, req, choices(req, payload), render, t0)
+        results = await asyncio.gather(*(complete_once(p) for p in choices(req, payload)))
+        for res in results:
+            if res["type"] == "error":
+                metrics.requests.labels(endpoint, str(res["status"])).inc()
+                return refusal(res["status"], res["error"])
+        for res in results:
+            record(req.label, res["usage"], res.get("replica"), t0)
         metrics.requests.labels(endpoint, "200").inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-        return render.full(res)
+        return render.full(results, merge_usage([r["usage"] for r in results]))
 
-    async def stream(endpoint: str, req: _Request, payload: dict, render, t0: float):
-        events = backend.stream(payload)
+    async def stream(endpoint: str, req: _Request, payloads: list[dict], render, t0: float):
+        gens = [events_once(p) for p in payloads]
+
+        async def first_of(gen):
+            return await gen.__anext__()
+
         try:
-            first = await events.__anext__()
-        except Exception as e:  # noqa: BLE001 -- any failure to start a stream is a 503
-            await events.aclose()
-            raise APIError(503, f"no replica could serve the request: {type(e).__name__}", type="server_error",
-                           code="unavailable") from None
-        if first["type"] == "error":
-            await events.aclose()
-            metrics.requests.labels(endpoint, str(first["status"])).inc()
-            return error_response(first["status"], first["error"])
+            firsts = await asyncio.gather(*(first_of(g) for g in gens))
+        except Exception as e:  # noqa: BLE001 -- any failure to start a stream is a 503 (or 429)
+            for g in gens:
+                await g.aclose()
+            raise unavailable(e) from None
+        for first in firsts:
+            if first["type"] == "error":
+                for g in gens:
+                    await g.aclose()
+                metrics.requests.labels(endpoint, str(first["status"])).inc()
+                return refusal(first["status"], first["error"])
         include_usage = bool((req.stream_options or {}).get("include_usage"))
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, gen, first: dict) -> None:
+            try:
+                await merged.put((i, first))
+                async for ev in gen:
+                    await merged.put((i, ev))
+            except Exception as e:  # noqa: BLE001 -- the replica died mid-stream: say so in the stream
+                await merged.put((i, {"type": "error", "error": {"message": f"generation failed: "
+                                      f"{type(e).__name__}", "type": "server_error", "param": None, "code": None}}))
+            finally:
+                await merged.put((i, None))
 
         async def body():
-            finished = False
+            tasks = [asyncio.create_task(pump(i, g, f)) for i, (g, f) in enumerate(zip(gens, firsts))]
+            ended, usages, failed = set(), [], False
             first_token = True
             try:
-                for chunk in render.opening():
-                    yield sse(chunk)
-                async for ev in events:
-                    if ev["type"] == "delta":
+                for i in range(len(gens)):
+                    for chunk in render.opening(i):
+                        yield sse(chunk)
+                open_ = len(gens)
+                while open_:
+                    i, ev = await merged.get()
+                    if ev is None:
+                        open_ -= 1
+                    elif ev["type"] == "delta":
                         if first_token:
                             metrics.ttft.observe(time.perf_counter() - t0)
                             first_token = False
-                        if ev["text"]:
-                            yield sse(render.delta(ev["text"]))
+                        if ev["text"] or ev.get("logprobs"):
+                            yield sse(render.delta(ev["text"], i, ev.get("logprobs")))
                     elif ev["type"] == "end":
-                        finished = True
+                        ended.add(i)
+                        usages.append(ev["usage"])
                         record(req.label, ev["usage"], ev.get("replica"), t0)
-                        yield sse(render.finish(ev["finish_reason"]))
-                        if include_usage:
-                            yield sse(render.usage(ev["usage"]))
+                        yield sse(render.finish(ev["finish_reason"], i))
                     elif ev["type"] == "error":
-                        finished = True
+                        failed = True
                         yield sse({"error": ev["error"]})
-                if not finished:
+                if len(ended) < len(gens) and not failed:
                     yield sse({"error": {"message": "generation ended early", "type": "server_error",
                                          "param": None, "code": None}})
+                if include_usage and usages:
+                    yield sse(render.usage(merge_usage(usages)))
                 yield "data: [DONE]\n\n"
                 metrics.requests.labels(endpoint, "200").inc()
                 metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-            except Exception as e:  # noqa: BLE001 -- the replica died: say so in the stream (the headers are gone)
-                yield sse({"error": {"message": f"generation failed: {type(e).__name__}", "type": "server_error",
-                                     "param": None, "code": None}})
-                yield "data: [DONE]\n\n"
             finally:
-                if not finished:
+                if len(ended) < len(gens):
                     metrics.cancelled.inc()
-                # Closing the backend stream cancels the generation on the replica (client disconnects too).
-                await events.aclose()
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                # Closing the backend streams cancels the generations on the replicas (client disconnects too).
+                for g in gens:
+                    await g.aclose()
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -1039,16 +1127,16 @@ _AUTH_HEADERS = {401: {"WWW-Authenticate": "Bearer"}, 403: {"WWW-Authenticate": 
 
 
 def _declare_limits(models: dict, model_name: str, max_tokens_limit: int) -> None:
-    """What the request models leave to the handlers, declared in the schema: the one served model, stop
-    sequences (unsupported: only an empty value), max_tokens' range, one prompt per request."""
+    """What the request models leave to the handlers, declared in the schema: the one served model, at most 4
+    stop sequences, max_tokens' range, one prompt per request."""
     null = {"type": "null"}
     for name in ("CompletionRequest", "ChatCompletionRequest"):
         props = models[name]["properties"]
         props["model"] = {"anyOf": [{"type": "string", "const": model_name}, null], "default": None,
                           "description": "the served model (GET /v1/models); another one is a 404"}
-        props["stop"] = {"anyOf": [null, {"type": "string", "maxLength": 0},
-                                   {"type": "array", "items": {"type": "string"}, "maxItems": 0}],
-                         "default": None, "description": "stop sequences are not supported (400)"}
+        props["stop"] = {"anyOf": [null, {"type": "string"}, {"type": "array", "items": {"type": "string"},
+                                                                "maxItems": 4}],
+                         "default": None, "description": "up to 4 strings; the text ends before the first"}
         for field in ("max_tokens", "max_completion_tokens"):
             if field in props:
                 props[field] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": max_tokens_limit}, null],
@@ -1128,27 +1216,66 @@ def sse(obj: dict) -> str:
 
 
 # ---- OpenAI response shapes ---------------------------------------------------------------------------------
+def merge_usage(usages: list[dict]) -> dict:
+    """One usage for n choices: the prompt counted once (as OpenAI does), the rest summed."""
+    if len(usages) == 1:
+        return usages[0]
+    out = dict(usages[0])
+    for key in ("completion_tokens", "drafted_tokens", "accepted_tokens"):
+        out[key] = sum(u.get(key) or 0 for u in usages)
+    out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
+    out["acceptance_rate"] = round(out["accepted_tokens"] / out["drafted_tokens"], 4) if out["drafted_tokens"] \
+        else 0.0
+    return out
+
+
+def completion_logprobs(items: list | None, offset: int = 0) -> dict | None:
+    """/v1/completions' logprobs object from (token text, logprob, [(text, logprob)]) triples."""
+    if items is None:
+        return None
+    offsets, at = [], offset
+    for text, _, _ in items:
+        offsets.append(at)
+        at += len(text)
+    return {"tokens": [t for t, _, _ in items], "token_logprobs": [lp for _, lp, _ in items],
+            "top_logprobs": [dict(top) for _, _, top in items], "text_offset": offsets}
+
+
+def chat_logprobs(items: list | None) -> dict | None:
+    """/v1/chat/completions' logprobs object (content: one entry per token, with its alternatives)."""
+    if items is None:
+        return None
+
+    def entry(text, lp):
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in top]} for t, lp, top in items]}
+
+
 class _CompletionRender:
     object = "text_completion"
 
     def __init__(self, model: str):
         self.model, self.id, self.created = model, f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        self.offsets: dict[int, int] = {}  # per choice: characters streamed (logprobs' text_offset)
 
     def _base(self, **kw) -> dict:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model, **kw}
 
-    def full(self, res: dict) -> dict:
-        return self._base(choices=[{"index": 0, "text": res["text"], "logprobs": None,
-                                    "finish_reason": res["finish_reason"]}], usage=res["usage"])
+    def full(self, results: list[dict], usage: dict) -> dict:
+        return self._base(choices=[{"index": i, "text": r["text"], "logprobs": completion_logprobs(r.get("logprobs")),
+                                    "finish_reason": r["finish_reason"]} for i, r in enumerate(results)],
+                          usage=usage)
 
-    def opening(self) -> list[dict]:
+    def opening(self, i: int) -> list[dict]:
         return []
 
-    def delta(self, text: str) -> dict:
-        return self._base(choices=[{"index": 0, "text": text, "logprobs": None, "finish_reason": None}])
+    def delta(self, text: str, i: int = 0, logprobs: list | None = None) -> dict:
+        lp = completion_logprobs(logprobs, self.offsets.get(i, 0))
+        self.offsets[i] = self.offsets.get(i, 0) + len(text)
+        return self._base(choices=[{"index": i, "text": text, "logprobs": lp, "finish_reason": None}])
 
-    def finish(self, reason: str) -> dict:
-        return self._base(choices=[{"index": 0, "text": "", "logprobs": None, "finish_reason": reason}])
+    def finish(self, reason: str, i: int = 0) -> dict:
+        return self._base(choices=[{"index": i, "text": "", "logprobs": None, "finish_reason": reason}])
 
     def usage(self, usage: dict) -> dict:
         return self._base(choices=[], usage=usage)
@@ -1161,24 +1288,25 @@ class _ChatRender(_CompletionRender):
         super().__init__(model)
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
 
-    def full(self, res: dict) -> dict:
-        return self._base(choices=[{"index": 0, "message": {"role": "assistant", "content": res["text"]},
-                                    "logprobs": None, "finish_reason": res["finish_reason"]}],
-                          usage=res["usage"])
+    def full(self, results: list[dict], usage: dict) -> dict:
+        return self._base(choices=[{"index": i, "message": {"role": "assistant", "content": r["text"]},
+                                    "logprobs": chat_logprobs(r.get("logprobs")),
+                                    "finish_reason": r["finish_reason"]} for i, r in enumerate(results)],
+                          usage=usage)
 
     def _chunk(self, **kw) -> dict:
         return {**self._base(**kw), "object": "chat.completion.chunk"}
 
-    def opening(self) -> list[dict]:
-        return [self._chunk(choices=[{"index": 0, "delta": {"role": "assistant", "content": ""},
+    def opening(self, i: int) -> list[dict]:
+        return [self._chunk(choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
                                       "logprobs": None, "finish_reason": None}])]
 
-    def delta(self, text: str) -> dict:
-        return self._chunk(choices=[{"index": 0, "delta": {"content": text}, "logprobs": None,
+    def delta(self, text: str, i: int = 0, logprobs: list | None = None) -> dict:
+        return self._chunk(choices=[{"index": i, "delta": {"content": text}, "logprobs": chat_logprobs(logprobs),
                                      "finish_reason": None}])
 
-    def finish(self, reason: str) -> dict:
-        return self._chunk(choices=[{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
+    def finish(self, reason: str, i: int = 0) -> dict:
+        return self._chunk(choices=[{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
 
     def usage(self, usage: dict) -> dict:
         return self._chunk(choices=[], usage=usage)

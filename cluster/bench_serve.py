@@ -34,7 +34,7 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, spec: PromptSpec
     else:
         path, body["prompt"] = "/v1/completions", spec.prompt
     t0 = time.perf_counter()
-    ttft, usage = None, None
+    ttft, usage, text = None, None, []
     async with client.stream("POST", url + path, json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{path}: HTTP {r.status_code}: {(await r.aread()).decode()[:200]}")
@@ -45,11 +45,14 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, spec: PromptSpec
             if "error" in chunk:
                 raise RuntimeError(f"{path}: {chunk['error']['message']}")
             choices = chunk.get("choices") or []
-            if ttft is None and choices and (choices[0].get("text") or choices[0].get("delta", {}).get("content")):
-                ttft = time.perf_counter() - t0
+            piece = choices and (choices[0].get("text") or choices[0].get("delta", {}).get("content"))
+            if piece:
+                text.append(piece)
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
             if chunk.get("usage"):
                 usage = chunk["usage"]
-    return {"latency": time.perf_counter() - t0, "ttft": ttft or 0.0, "usage": usage}
+    return {"latency": time.perf_counter() - t0, "ttft": ttft or 0.0, "usage": usage, "text": "".join(text)}
 
 
 async def run_load(url: str, model: str, specs: list[PromptSpec], concurrency: int, requests: int,
@@ -74,7 +77,8 @@ async def run_load(url: str, model: str, specs: list[PromptSpec], concurrency: i
             "latency_p50_s": round(percentile(lat, 50), 3), "latency_p99_s": round(percentile(lat, 99), 3),
             "ttft_p50_s": round(percentile(ttft, 50), 3), "ttft_p99_s": round(percentile(ttft, 99), 3),
             "drafted_tokens": drafted, "accepted_tokens": accepted,
-            "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0}
+            "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
+            "texts": [r["text"] for r in rows]}
 
 
 def scrape(url: str) -> dict:
@@ -102,12 +106,98 @@ def _merge(phases: list[dict]) -> dict:
     return out
 
 
+def bench_levels(cfg: OnspecConfig, specs: list[PromptSpec], levels: list[int], requests: int = 8,
+                 max_tokens: int = 32, plots: str | None = None, log=lambda *_: None) -> dict:
+    """Throughput and latency of one self-started server at each concurrency level, speculative and target-only
+    side by side (one user_config switch between them, the replicas keep running); greedy, so both sides must
+    produce the very same texts. Each level sends max(requests, 2 x concurrency) requests."""
+    from onspec.cluster.serve import Cluster
+
+    model = cfg.server.served_model_name or cfg.model.name
+    cluster = Cluster(cfg).start()
+    rows = []
+    try:
+        log(f"server up at {cluster.url}; warming up")
+        asyncio.run(run_load(cluster.url, model, specs, 1, 2, 8))
+        for c in levels:
+            n = max(requests, 2 * c)
+            side = {}
+            for spec_on in (True, False):
+                cluster.set_speculation(spec_on)
+                side[spec_on] = asyncio.run(run_load(cluster.url, model, specs, c, n, max_tokens))
+            on, off = side[True], side[False]
+            row = {"concurrency": c, "requests": n, "tokens_per_s": on["tokens_per_s"],
+                   "target_tokens_per_s": off["tokens_per_s"],
+                   "speedup": round(on["tokens_per_s"] / off["tokens_per_s"], 3) if off["tokens_per_s"] else None,
+                   "p50_s": on["latency_p50_s"], "p99_s": on["latency_p99_s"], "ttft_p50_s": on["ttft_p50_s"],
+                   "target_p50_s": off["latency_p50_s"], "target_p99_s": off["latency_p99_s"],
+                   "target_ttft_p50_s": off["ttft_p50_s"], "acceptance_rate": on["acceptance_rate"],
+                   "identical": on["texts"] == off["texts"]}
+            log(json.dumps(row))
+            rows.append(row)
+    finally:
+        cluster.stop()
+    result = {"levels": rows, "max_tokens": max_tokens, "replicas": cfg.server.replicas,
+              "max_batch": cfg.server.max_batch}
+    if plots:
+        result["plots"] = plot_levels(rows, plots)
+    return result
+
+
+def plot_levels(rows: list[dict], folder: str) -> list[str]:
+    """tokens/s and p99 latency against concurrency, speculative and target-only, as PNG files in ``folder``."""
+    from pathlib import Path
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    c = [r["concurrency"] for r in rows]
+    for name, key, base, unit in (("serve_throughput", "tokens_per_s", "target_tokens_per_s", "tokens/s"),
+                                  ("serve_p99", "p99_s", "target_p99_s", "p99 latency (s)")):
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+        ax.plot(c, [r[key] for r in rows], "o-", label="speculative")
+        ax.plot(c, [r[base] for r in rows], "s--", label="target-only")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(c, [str(x) for x in c])
+        ax.set_xlabel("concurrent requests (one replica)")
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = Path(folder) / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        plt.close(fig)
+        out.append(str(path))
+    return out
+
+
+def format_levels(result: dict) -> str:
+    lines = [f"{'concurrency':>11s} {'tok/s':>8s} {'target':>8s} {'x':>6s} {'p50 s':>7s} {'p99 s':>7s} "
+             f"{'ttft p50':>8s} {'identical':>9s}"]
+    for r in result["levels"]:
+        lines.append(f"{r['concurrency']:>11d} {r['tokens_per_s']:>8.2f} {r['target_tokens_per_s']:>8.2f} "
+                     f"{r['speedup'] or 0:>6.2f} {r['p50_s']:>7.2f} {r['p99_s']:>7.2f} {r['ttft_p50_s']:>8.2f} "
+                     f"{str(r['identical']):>9s}")
+    first = result["levels"][0]
+    for r in result["levels"][1:]:
+        lines.append(f"concurrency {r['concurrency']}: {r['tokens_per_s'] / first['tokens_per_s']:.2f}x the "
+                     f"throughput of {first['concurrency']}, p50 {r['p50_s'] / first['p50_s']:.2f}x")
+    for p in result.get("plots", []):
+        lines.append(f"plot: {p}")
+    return "\n".join(lines)
+
+
 def bench_serve(cfg: OnspecConfig, specs: list[PromptSpec], url: str | None = None, concurrency: int = 2,
                 requests: int = 8, max_tokens: int = 32, pairs: int = 2, log=lambda *_: None) -> dict:
     model = cfg.server.served_model_name or cfg.model.name
 
     def load() -> dict:
-        return asyncio.run(run_load(target, model, specs, concurrency, requests, max_tokens))
+        res = asyncio.run(run_load(target, model, specs, concurrency, requests, max_tokens))
+        res.pop("texts")
+        return res
 
     if url:
         target = url.rstrip("/")

@@ -395,8 +395,25 @@ def cmd_bench_serve(args) -> int:
     log = (lambda m: print(m, file=sys.stderr, flush=True))
     import httpx
 
-    if min(args.concurrency, args.requests, args.max_tokens, args.pairs) < 1:
+    try:
+        levels = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
+    except ValueError:
+        raise CLIError(f"--concurrency takes a number or a comma-separated list, got {args.concurrency!r}") \
+            from None
+    if not levels or min(levels + [args.requests, args.max_tokens, args.pairs]) < 1:
         raise CLIError("--concurrency, --requests, --max-tokens and --pairs must be at least 1")
+    if len(levels) > 1:
+        if args.url:
+            raise CLIError("--concurrency with several levels needs a self-started server (omit --url): it "
+                           "switches speculation off for the target-only side")
+        from onspec.cluster.bench_serve import bench_levels, format_levels
+
+        with contextlib.redirect_stdout(sys.stderr):
+            result = bench_levels(cfg, specs, levels, requests=args.requests, max_tokens=args.max_tokens,
+                                  plots=args.plots, log=log)
+        print(json.dumps(result) if args.json else format_levels(result))
+        return 0
+    args.concurrency = levels[0]
     try:
         # Ray prints its own shutdown chatter to stdout; keep stdout for the report (--json stays parseable).
         with contextlib.redirect_stdout(sys.stderr):
@@ -551,7 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(bs)
     server_flags(bs)
     bs.add_argument("--url", help="a running server (default: start one here)")
-    bs.add_argument("--concurrency", type=int, default=2)
+    bs.add_argument("--concurrency", default="2", help="concurrent requests; a list (1,2,4,8) measures each "
+                                                        "level, speculative vs target-only")
+    bs.add_argument("--plots", help="with several levels: write tokens/s and p99 plots (PNG) to this folder")
     bs.add_argument("--requests", type=int, default=8, help="requests per phase")
     bs.add_argument("--max-tokens", type=int, default=32)
     bs.add_argument("--pairs", type=int, default=2, help="stream on/off phase pairs (self-started server)")

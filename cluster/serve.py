@@ -92,6 +92,8 @@ class EngineDeployment:
         # Only a switch, never weights (conventions: user_config is for small settings).
         if "stream_enabled" in user_config:
             self.replica.set_stream_enabled(bool(user_config["stream_enabled"]))
+        if "speculate" in user_config:  # off: target-only decoding (bench serve's baseline)
+            self.replica.speculate = bool(user_config["speculate"])
 
     async def complete(self, req: dict) -> dict:
         res = await self.replica.acomplete(req)
@@ -180,7 +182,8 @@ class ApiDeployment:
         return create_app(self.cfg, self.backend)
 
 
-def build_app(cfg: OnspecConfig, stream_enabled: bool | None = None, version: str | None = None):
+def build_app(cfg: OnspecConfig, stream_enabled: bool | None = None, version: str | None = None,
+              speculate: bool = True):
     """The Serve application for ``cfg`` (``cfg.redis.url`` must already point at a running Redis, or be None
     for no stream at all). Deploying it again with the same ``version`` and only ``stream_enabled`` changed
     updates the running replicas in place (``reconfigure``) instead of replacing them."""
@@ -194,7 +197,8 @@ def build_app(cfg: OnspecConfig, stream_enabled: bool | None = None, version: st
         ray_actor_options={"num_cpus": s.replica_cpus},
         # Generation can be slow on a CPU: do not let health checks kill a busy replica.
         health_check_timeout_s=120, graceful_shutdown_timeout_s=10,
-        user_config={"stream_enabled": cfg.stream.enabled if stream_enabled is None else stream_enabled},
+        user_config={"stream_enabled": cfg.stream.enabled if stream_enabled is None else stream_enabled,
+                     "speculate": speculate},
     )
     api = serve.deployment(serve.ingress()(ApiDeployment), name="onspec-api", num_replicas=1,
                            max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
@@ -344,10 +348,17 @@ class Cluster:
 
     def set_stream_enabled(self, enabled: bool) -> None:
         """Switch rejection logging on every replica in place (a user_config update, no restart)."""
+        self._switch(stream_enabled=enabled)
+
+    def set_speculation(self, enabled: bool) -> None:
+        """Switch speculative decoding on every replica in place (off: target-only, the benchmarks' baseline)."""
+        self._switch(speculate=enabled)
+
+    def _switch(self, **switches) -> None:
         from ray import serve
 
-        serve.run(build_app(self.cfg, stream_enabled=enabled, version=self.version), name=APP_NAME,
-                  route_prefix="/")
+        self.switches = {**getattr(self, "switches", {}), **switches}
+        serve.run(build_app(self.cfg, version=self.version, **self.switches), name=APP_NAME, route_prefix="/")
 
     def stop(self) -> None:
         import ray

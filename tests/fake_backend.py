@@ -27,6 +27,7 @@ class FakeEngine:
         self.round_observer = None
         self.suffix_index = SimpleNamespace(stats=dict)  # what Replica.stats() reads of the engine
         self.prompts: list[list[int]] = []  # what reached generation (tests look)
+        self.active = []
 
     def encode(self, prompt=None, messages=None):
         text = prompt if messages is None else " ".join(m["content"] for m in messages)
@@ -38,17 +39,38 @@ class FakeEngine:
         if len(ids) + 1 > self.max_context:
             raise RequestError(f"the prompt has {len(ids)} tokens; the context length is {self.max_context}")
 
-    def stream(self, ids, params, speculate=True, stats=None):
+    max_rows = 4
+
+    @property
+    def busy(self):
+        return bool(self.active)
+
+    def submit(self, ids, params, speculate=True, stats=None, tag=None):
         params.validate()
         self.check_prompt(ids)
         self.prompts.append(ids)
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens, stats.drafter_version = len(ids), "base"
-        for i in range(min(params.max_tokens, 3)):
-            stats.completion_tokens += 1
-            stats.target_forwards += 1
-            yield [i + 1]
-        stats.finish_reason = "length"
+        seq = SimpleNamespace(params=params, stats=stats, new=[], logprobs=[], finished=False, made=0,
+                              budget=min(params.max_tokens, 3))
+        self.active.append(seq)
+        return seq
+
+    def step(self):
+        for seq in self.active:
+            seq.made += 1
+            seq.new, seq.logprobs = [seq.made], [(-0.5, [])]
+            seq.stats.completion_tokens += 1
+            seq.stats.target_forwards += 1
+            if seq.made >= seq.budget:
+                seq.finished, seq.stats.finish_reason = True, "length"
+        touched, self.active = self.active, [s for s in self.active if not s.finished]
+        return touched
+
+    def cancel(self, seq):
+        seq.finished = True
+        if seq in self.active:
+            self.active.remove(seq)
 
     def apply_pending_swap(self):
         pass

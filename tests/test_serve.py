@@ -134,7 +134,10 @@ BAD = [
     ("/v1/completions", {"model": MODEL, "prompt": "x" * 70000}, 413, None, "body_too_large"),
     ("/v1/completions", {"model": MODEL}, 400, "prompt", None),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "seed": 2**70}, 400, "seed", None),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 3}, 400, "n", None),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 9}, 400, "n", None),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 6}, 400, "logprobs", None),
+    ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs", None),
     ("/nowhere", {}, 404, None, None),
     ("/v1/completions", {"model": MODEL, "prompt": "", "stream": True}, 400, "prompt", "empty_prompt"),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages", None),
@@ -163,6 +166,33 @@ def test_bad_input_gets_openai_error(cluster, path, body, status, param, code):
 def test_seeded_sampling_repeats(client):
     kw = dict(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0.9, seed=1234)
     assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
+
+
+def test_openai_client_gets_n_choices_stop_strings_usage_and_logprobs(client, real_engine):
+    ref = real_engine.generate(real_engine.encode(messages=CHAT), SamplingParams(max_tokens=24, temperature=0.0),
+                               speculate=False).text
+    mid = ref[len(ref) // 2:len(ref) // 2 + 3]  # a stop string the answer surely holds (and OpenAI's usual one)
+    want = ref[:min(i for i in (ref.find(mid), ref.find("\n\n")) if i >= 0)]
+    kw = dict(model=MODEL, messages=CHAT, max_tokens=24, temperature=0, n=2, stop=["\n\n", mid])
+    res = client.chat.completions.create(**kw, logprobs=True, top_logprobs=2)
+    assert [c.index for c in res.choices] == [0, 1]
+    assert [c.message.content for c in res.choices] == [want, want]
+    assert {c.finish_reason for c in res.choices} == {"stop"}
+    lp = res.choices[0].logprobs.content
+    assert lp and all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in lp)
+    assert all(abs(e.top_logprobs[0].logprob - e.logprob) < 1e-3 for e in lp)  # greedy: the chosen is the top
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    texts = {0: "", 1: ""}
+    for ch in chunks:
+        for c in ch.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts == {0: want, 1: want}
+    assert [c.finish_reason for ch in chunks for c in ch.choices if c.finish_reason] == ["stop", "stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 2
+    assert all(ch.usage is None for ch in chunks[:-1])
+    text = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=1)
+    got = text.choices[0].logprobs
+    assert "".join(got.tokens) == text.choices[0].text and len(got.token_logprobs) == len(got.tokens)
 
 
 def test_openai_client_sees_typed_errors(client):
