@@ -108,7 +108,8 @@ class Replica:
         except RequestError as e:
             return error_event(str(e), param=str(e).split()[0])
         try:
-            ids = self.engine.encode(req.get("prompt"), req.get("messages"))
+            ids = list(req["resume"]["prompt_ids"]) if req.get("resume") else \
+                self.engine.encode(req.get("prompt"), req.get("messages"))
         except Exception as e:  # a chat template that rejects the conversation (e.g. bad role order)
             return error_event(f"cannot apply the chat template: {e}", param=param)
         limit = self.cfg.server.max_prompt_tokens  # a request limit of this server: 413, not the model's 400
@@ -204,14 +205,28 @@ class Replica:
             self._fail(job, jobs, prepared)
             return
         ids, params = prepared
+        resume = job.req.get("resume")
+        if resume:  # another replica died mid-stream: go on from what it had streamed (see api.events_once)
+            job.out, job.sent = list(resume["output_ids"]), resume["sent"]
+            ids = list(resume["prompt_ids"]) + job.out
+            params.max_tokens -= len(job.out)
+            if params.max_tokens < 1:  # it had streamed everything: only its end was lost
+                job.stats.prompt_tokens, job.stats.completion_tokens = len(resume["prompt_ids"]), len(job.out)
+                job.emit({"type": "end", "finish_reason": "length", "usage": usage_of(job.stats),
+                          "replica": self.stats()})
+                self._retire(job, jobs)
+                return
         try:
             job.seq = self.engine.submit(ids, params, speculate=self.speculate, stats=job.stats,
                                          tag=(job.req.get("label") or "", job.req.get("request_id") or ""))
         except RequestError as e:
             self._fail(job, jobs, error_event(str(e)))
             return
+        if resume:
+            job.stats.prompt_tokens = len(resume["prompt_ids"])
+            job.stats.completion_tokens = len(job.out)
         jobs[id(job.seq)] = job
-        job.emit({"type": "start", "prompt_tokens": len(ids)})
+        job.emit({"type": "start", "prompt_tokens": len(ids), "prompt_ids": ids})
 
     def _emit_tokens(self, job: _Job, seq, jobs: dict) -> None:
         tok = self.engine.tokenizer

@@ -35,6 +35,7 @@ class RowCache:
         self.v: list[torch.Tensor] = []
         self.ensure(min(capacity, max_capacity))
 
+    @torch.inference_mode()
     def ensure(self, capacity: int) -> None:
         """Room for ``capacity`` positions in every row (kept contents)."""
         if capacity <= self.capacity:
@@ -47,6 +48,7 @@ class RowCache:
             fresh[:, :, :self.capacity] = old
         self.k, self.v, self.capacity = k, v, new
 
+    @torch.inference_mode()
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy row ``src``'s first ``length`` positions into row ``dst`` (packing rows after one leaves)."""
         for t in self.k + self.v:

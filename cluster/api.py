@@ -653,19 +653,30 @@ def create_app(cfg: OnspecConfig, backend, registry=None, history: History | Non
                 metrics.retried.inc()
 
     async def events_once(payload: dict):
-        """The backend's event stream; a replica failure before any token was streamed is retried once."""
+        """The backend's event stream, surviving one replica failure: before any token the request is sent again;
+        after some, it goes on from them on another replica (the prompt and the tokens streamed so far become the
+        new prompt: the continuation is what the target would have sampled next, and greedy or seeded requests
+        give the very same tokens)."""
+        prompt_ids, out, sent = None, [], ""
         for attempt in (0, 1):
             events = backend.stream(payload)
-            streamed = False
             try:
                 async for ev in events:
-                    streamed = streamed or ev["type"] == "delta"
+                    if ev["type"] == "start":
+                        if prompt_ids is not None:
+                            continue  # the resumed request's own start: the client saw one already
+                        prompt_ids = ev.get("prompt_ids")
+                    elif ev["type"] == "delta":
+                        out += ev["token_ids"]
+                        sent += ev["text"]
                     yield ev
                 return
             except Exception as e:  # noqa: BLE001
-                if streamed or attempt or type(e).__name__ == "BackPressureError":
+                if attempt or type(e).__name__ == "BackPressureError" or (out and prompt_ids is None):
                     raise
                 payload = {**payload, "request_id": uuid.uuid4().hex}
+                if out:
+                    payload["resume"] = {"prompt_ids": prompt_ids, "output_ids": out, "sent": sent}
                 metrics.retried.inc()
             finally:
                 await events.aclose()

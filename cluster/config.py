@@ -155,7 +155,8 @@ class ServerConfig(_Strict):
     served_model_name: Optional[str] = Field(None, description="the `model` clients send; None: model.name")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
     max_tokens_limit: int = Field(4096, ge=1, description="larger max_tokens is rejected as absurd (400)")
-    max_ongoing_requests: int = Field(8, ge=1, description="requests queued on one engine replica")
+    max_ongoing_requests: int = Field(16, ge=1, description="requests Ray Serve sends one engine replica at once "
+                                                            "(its batch and its queue)")
     max_queued_requests: int = Field(256, ge=-1, description="requests waiting for a replica; beyond: 503")
     # Security (docs/security.md). No key at all: no authentication, and `onspec serve` binds to localhost only.
     api_keys: list[SecretStr] = Field([], description="bearer keys of the inference API (/v1/completions, "

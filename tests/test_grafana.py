@@ -52,7 +52,7 @@ def exported(tmp_path, reg) -> dict[str, set[str]]:  # noqa: F811
         complete(c, "math")
         complete(c, "code", stream=True)
         complete(c)
-        assert c.post("/v1/completions", json={"prompt": "x", "n": 2}).status_code == 400
+        assert c.post("/v1/completions", json={"prompt": "x", "n": 9}).status_code == 400
         text = c.get("/metrics").text
     names: dict[str, set[str]] = {}
     for fam in text_string_to_metric_families(text):
