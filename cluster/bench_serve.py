@@ -12,6 +12,7 @@ import json
 import math
 import re
 import time
+import uuid
 
 import httpx
 
@@ -110,21 +111,30 @@ def bench_levels(cfg: OnspecConfig, specs: list[PromptSpec], levels: list[int], 
                  max_tokens: int = 32, plots: str | None = None, log=lambda *_: None) -> dict:
     """Throughput and latency of one self-started server at each concurrency level, speculative and target-only
     side by side (one user_config switch between them, the replicas keep running); greedy, so both sides must
-    produce the very same texts. Each level sends max(requests, 2 x concurrency) requests."""
+    produce the very same texts. Each level sends max(requests, 2 x concurrency) requests, on prompts no earlier
+    level (nor the warm-up) used: a repeated prompt would be drafted whole from the suffix index, which real
+    traffic does not do (``prompts_reused`` says when the file ran short)."""
     from onspec.cluster.serve import Cluster
 
     model = cfg.server.served_model_name or cfg.model.name
-    cluster = Cluster(cfg).start()
+    # Serving alone (no trainer on the cores), and a suffix stream of its own: the shared one keeps earlier runs'
+    # answers, which would be drafted whole.
+    cluster = Cluster(cfg.merged(**{"trainer.enabled": False,
+                                    "suffix.stream_key": f"onspec:suffix:bench-{uuid.uuid4().hex[:8]}"})).start()
     rows = []
     try:
         log(f"server up at {cluster.url}; warming up")
-        asyncio.run(run_load(cluster.url, model, specs, 1, 2, 8))
+        asyncio.run(run_load(cluster.url, model, specs[-1:], 1, 1, 8))
+        fresh = specs[:-1] if len(specs) > 1 else specs
+        used = 0
         for c in levels:
             n = max(requests, 2 * c)
+            mine = [fresh[(used + i) % len(fresh)] for i in range(n)]
+            used += n
             side = {}
             for spec_on in (True, False):
                 cluster.set_speculation(spec_on)
-                side[spec_on] = asyncio.run(run_load(cluster.url, model, specs, c, n, max_tokens))
+                side[spec_on] = asyncio.run(run_load(cluster.url, model, mine, c, n, max_tokens))
             on, off = side[True], side[False]
             row = {"concurrency": c, "requests": n, "tokens_per_s": on["tokens_per_s"],
                    "target_tokens_per_s": off["tokens_per_s"],
@@ -138,7 +148,7 @@ def bench_levels(cfg: OnspecConfig, specs: list[PromptSpec], levels: list[int], 
     finally:
         cluster.stop()
     result = {"levels": rows, "max_tokens": max_tokens, "replicas": cfg.server.replicas,
-              "max_batch": cfg.server.max_batch}
+              "max_batch": cfg.server.max_batch, "prompts_reused": used > len(fresh)}
     if plots:
         result["plots"] = plot_levels(rows, plots)
     return result
