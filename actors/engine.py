@@ -25,7 +25,8 @@ import torch
 from onspec.actors.row_cache import RowCache, body_forward
 from onspec.actors.suffix_index import SuffixDraft, SuffixIndex
 from onspec.cluster.config import OnspecConfig, SpeculationConfig, SuffixConfig
-from onspec.kernels.draft_length import (AdaEDLState, adaedl_should_stop, adaedl_update, best_draft_length)
+from onspec.kernels.draft_length import (AdaEDLState, adaedl_should_stop, adaedl_update, best_batch_width,
+                                         best_draft_length, expected_tokens)
 from onspec.kernels.sampling import entropy, gumbel_argmax, is_greedy, logits_to_probs, position_gumbel
 from onspec.kernels.verify import coupled_verify, greedy_verify, rejection_verify
 from onspec.kernels.vocab_trim import to_full_logits
@@ -743,6 +744,8 @@ class SpeculativeEngine:
         self._use_rows(len(rows))
         cap = self.controller.draft_cap() if any(s.speculate for s in rows) else 0
         plans = {s.slot: self._plan(s, cap) for s in rows}
+        if len(rows) > 1 and self.batch_costs and self.spec.cost_aware and self.spec.mode == "adaedl":
+            plans = self._fit_width(plans, len(rows))
         model_rows = [(s, plans[s.slot][1]) for s in rows if plans[s.slot][0] == "model"]
         drafted = self._draft(model_rows) if model_rows else {}
         inputs = {}
@@ -783,6 +786,37 @@ class SpeculativeEngine:
             verdicts.append(torch.stack([n, nxt]))
         for s, logits, (n, nxt) in zip(rows, logits_all, torch.stack(verdicts).tolist()):
             self._accept(s, plans[s.slot], inputs[s.slot][0], n, nxt, logits, hidden[s.slot])
+
+    def _fit_width(self, plans: dict, b: int) -> dict:
+        """Cut the rows' drafts to the one width that pays for the whole batch (kernels.draft_length.
+        best_batch_width): a long suffix draft in one row would otherwise pad every row to its length."""
+        longest = max(len(sd.tokens) if src == "suffix" else cap for src, cap, sd in plans.values())
+        if longest == 0:
+            return plans
+        alpha, trust = self.controller.alpha, self.suffix_trust
+        gains = []
+        for src, cap, sd in plans.values():
+            if src == "suffix":
+                gains.append([1.0 + trust * sum(sd.probs[:d]) for d in range(len(sd.tokens) + 1)])
+            else:
+                gains.append([expected_tokens(alpha, d) for d in range(cap + 1)])
+        per_row, scale = self._row_costs(b)
+        verify = [c * b for c in per_row[:longest + 1]]
+        verify += [verify[-1] * (n + 1) / len(verify) for n in range(len(verify), longest + 1)]
+        model_cap = max((cap for src, cap, _ in plans.values() if src == "model"), default=0)
+        step = self.controller.draft_cost * scale * b
+        draft = [step * min(w - 1, model_cap) for w in range(1, longest + 2)]
+        width = best_batch_width(gains, verify, draft)
+        out = {}
+        for slot, (src, cap, sd) in plans.items():
+            if src == "suffix" and len(sd.tokens) > width - 1:
+                sd = SuffixDraft(sd.tokens[:width - 1], sd.probs[:width - 1], sd.match_len) if width > 1 else None
+                src = "suffix" if sd is not None else "none"
+            elif src == "model":
+                cap = min(cap, width - 1)
+                src = "model" if cap > 0 else "none"
+            out[slot] = (src, cap if src == "model" else (len(sd.tokens) if src == "suffix" else 0), sd)
+        return out
 
     def _accept(self, seq: _Sequence, plan, drafts: list[int], n: int, nxt: int, logits: torch.Tensor,
                 hidden: torch.Tensor) -> None:

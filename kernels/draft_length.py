@@ -77,3 +77,21 @@ def best_draft_length(alpha: float, draft_cost: float, verify_cost: list[float],
         if rate > best_rate:
             best_k, best_rate = k, rate
     return best_k, best_rate / base
+
+
+def best_batch_width(gains: list[list[float]], verify_cost: list[float], draft_cost: list[float]) -> int:
+    """The token width W of a batched verification round: argmax_W sum_r gains[r][min(W - 1, len(gains[r]) - 1)]
+    / (verify_cost[W - 1] + draft_cost[W - 1]) over W = 1..len(verify_cost).
+
+    Every row of the batch pays for W positions (rows are padded to the longest draft), so a row's draft is worth
+    its length only when the batch's accepted tokens per second grow with it: Leviathan et al.'s eq. 1 summed over
+    the rows, with the round's cost measured by (rows, width). ``gains[r][d]``: the tokens row r is expected to
+    emit with its draft cut to d tokens (gains[r][0] = 1, the target's own token); ``verify_cost[W - 1]``: the
+    target forward over all rows at width W; ``draft_cost[W - 1]``: the drafting that width needs."""
+    best_w, best_rate = 1, -1.0
+    for w in range(1, len(verify_cost) + 1):
+        tokens = sum(g[min(w - 1, len(g) - 1)] for g in gains)
+        rate = tokens / (verify_cost[w - 1] + draft_cost[w - 1])
+        if rate > best_rate:
+            best_w, best_rate = w, rate
+    return best_w

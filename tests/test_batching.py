@@ -134,3 +134,16 @@ def test_a_request_resumed_from_what_a_dead_replica_streamed_ends_the_same(sampl
         assert rest["usage"]["completion_tokens"] == 20 and rest["usage"]["prompt_tokens"] == len(prompt)
     finally:
         rep.close()
+
+
+def test_a_batch_is_verified_at_the_width_that_pays_for_all_its_rows():
+    from onspec.kernels.draft_length import best_batch_width
+
+    sure = [1.0 + 0.9 * d for d in range(9)]  # a suffix draft of 8 that would nearly all be accepted
+    unsure = [1.0, 1.3, 1.4]                   # model drafts of little promise
+    flat = [1.0] * 9                           # memory-bound: width costs nothing
+    assert best_batch_width([sure, unsure], flat, [0.0] * 9) == 9
+    linear = [float(w) for w in range(1, 10)]  # compute-bound: each position costs its full share
+    assert best_batch_width([sure, unsure, [1.0], [1.0]], linear, [0.0] * 9) == 1
+    rising = [1.0 + 0.1 * w for w in range(9)]
+    assert best_batch_width([unsure] * 4, rising, [0.0] * 9) == 2  # 5.2 / 1.1 beats 4 / 1.0 and 5.6 / 1.2
