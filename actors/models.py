@@ -216,10 +216,10 @@ def packaged_base_drafter(target, cfg):
     vocabulary, and the very target it was distilled from (its fingerprint). None otherwise. The weights'
     sha256 is checked like every checkpoint's; a shipped checkpoint that fails it is an error, not a fallback."""
     from onspec.actors.checkpoint import load_checkpoint
-    from onspec.actors.pretrain import target_fingerprint
+    from onspec.actors.pretrain import same_target
 
     manifest = _packaged_manifest(cfg)
-    if manifest is None or manifest.get("target_fingerprint") != target_fingerprint(target):
+    if manifest is None or not same_target(manifest, target):
         return None
     drafter, _ = load_checkpoint(_packaged_folder(), target)
     return drafter

@@ -408,6 +408,27 @@ def target_fingerprint(target) -> str:
     return hashlib.sha256(w.cpu().numpy().round(4).tobytes()).hexdigest()[:16]
 
 
+def target_signature(target) -> list[float]:
+    """32 fixed random projections of the same weights as target_fingerprint: unlike the hash, they survive a
+    change of precision (bf16 weights move them by ~0.4%, another model by ~100%), so a drafter distilled from
+    the fp32 target is still recognised over the same target served in bf16."""
+    w = torch.cat([target.model.norm.weight.detach().float().flatten(),
+                   target.get_input_embeddings().weight[:16].detach().float().flatten()]).cpu()
+    proj = torch.randn(32, w.numel(), generator=torch.Generator().manual_seed(0))
+    return [round(x, 6) for x in (proj @ w / w.numel() ** 0.5).tolist()]
+
+
+def same_target(manifest: dict, target) -> bool:
+    """Whether a checkpoint's manifest names this target: its fingerprint, or its signature within 2%."""
+    if manifest.get("target_fingerprint") == target_fingerprint(target):
+        return True
+    sig = manifest.get("target_signature")
+    if not sig:
+        return False
+    a, b = torch.tensor(target_signature(target)), torch.tensor(sig)
+    return bool((a - b).norm() <= 0.02 * b.norm())
+
+
 def pretrain(plan: PretrainPlan, target, tokenizer, drafter, version: str = "base-feature-pretrained",
              ship: bool = True) -> dict:
     """All three stages, then the checkpoint in ``plan.out`` (fp16, head shared when ``ship``); returns the
@@ -446,4 +467,5 @@ def pretrain(plan: PretrainPlan, target, tokenizer, drafter, version: str = "bas
     }
     return save_checkpoint(drafter, plan.out, version, parent=None, dtype=torch.float16 if ship else None,
                            shared_head=ship, extra={"pretraining": report,
-                                                    "target_fingerprint": target_fingerprint(target)})
+                                                    "target_fingerprint": target_fingerprint(target),
+                                                    "target_signature": target_signature(target)})
