@@ -4,7 +4,7 @@ stream logger. A plain class: tests call it directly; cluster/serve.py wraps it 
 A request is a dict (cluster/api.py validated it): ``prompt`` or ``messages``, ``max_tokens``, ``temperature``,
 ``top_p``, ``top_k``, ``seed``, ``stop`` (strings), ``logprobs`` (None or how many alternatives), ``label``,
 ``request_id``. ``stream`` yields events (dicts with a ``type``):
-  start  {prompt_tokens}                       the prompt was accepted; tokens follow
+  start  {prompt_tokens, prompt_ids}           the prompt was accepted; tokens follow
   delta  {text, token_ids, logprobs?}          new text of one verification round
   end    {finish_reason, usage, replica}       usage: token counts and acceptance figures
   error  {status, error: {message, type, param, code}}   before any token: the request was refused
@@ -57,9 +57,18 @@ class _Job:
 
 class Replica:
     def __init__(self, cfg: OnspecConfig, engine=None, logger=None, replica_id: str | None = None):
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, args=(cfg if engine is None else None,),
+                                        name="onspec-engine", daemon=True)
+        self._started: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread.start()
         if engine is None:
-            from onspec.actors.engine import SpeculativeEngine
-            engine = SpeculativeEngine.from_config(cfg)
+            # Built on the decoding thread, so that the thread doing every forward is the first to run torch's
+            # parallel (OpenMP) work: a later thread's team ran matrix products 1.5x slower (BENCHMARKS.md).
+            engine = self._started.get()
+            if isinstance(engine, BaseException):
+                raise engine
         self.cfg, self.engine, self.logger = cfg, engine, logger
         self.replica_id = replica_id or uuid.uuid4().hex[:8]
         engine.record_context = cfg.stream.context_window
@@ -76,10 +85,7 @@ class Replica:
         self.observer_s = 0.0
         self.max_batch_seen = 0
         self.speculate = True  # off: target-only decoding (a baseline switch for benchmarks)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="onspec-engine", daemon=True)
-        self._thread.start()
+        self._inbox.put(("wake", None))  # set up: the decoding thread may start
 
     # ---- rejection records ----------------------------------------------------------------------------------
     def set_stream_enabled(self, enabled: bool) -> None:
@@ -161,7 +167,15 @@ class Replica:
         return collect(self.stream(req))
 
     # ---- the decoding thread -----------------------------------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, cfg: OnspecConfig | None) -> None:
+        if cfg is not None:
+            try:
+                from onspec.actors.engine import SpeculativeEngine
+                self._started.put(SpeculativeEngine.from_config(cfg))
+            except BaseException as e:  # noqa: BLE001 -- handed to the constructor, which raises it
+                self._started.put(e)
+                return
+        self._inbox.get()  # the constructor has finished setting up
         jobs: dict[int, _Job] = {}  # id(seq) -> job
         while not self._closed:
             block = not self.engine.busy  # idle: sleep until a request (or a swap, or close) arrives

@@ -70,7 +70,7 @@ def test_complete_and_stream_match_generate(replica, engine):
     assert u["completion_tokens"] == 12 and u["total_tokens"] == u["prompt_tokens"] + 12
     assert u["drafter_version"] == initial_version(CFG.drafter) and 0 <= u["accepted_tokens"] <= u["drafted_tokens"]
     events = list(replica.stream(req))
-    assert events[0] == {"type": "start", "prompt_tokens": u["prompt_tokens"]}
+    assert events[0] == {"type": "start", "prompt_tokens": u["prompt_tokens"], "prompt_ids": engine.encode(PROMPT)}
     assert "".join(e["text"] for e in events if e["type"] == "delta") == want.text
     assert events[-1]["type"] == "end" and events[-1]["finish_reason"] == "length"
 
