@@ -391,6 +391,14 @@ class SpeculativeEngine:
         draft = ((1 - w) * self.draft_costs[lo] + w * self.draft_costs[hi]) / b
         return verify, draft / self.draft_costs[1]
 
+    def _observe_cost(self, b: int, width: int, seconds: float) -> None:
+        """Rounds as they run correct the calibrated cost of their (rows, width) (an EMA): what a round really
+        takes under this process's load (an ingress, a logger, a trainer on the same cores) is what the width
+        and draft-length choices must weigh, and a burst shifts it by a tenth at most."""
+        costs = self.batch_costs.get(b)
+        if costs is not None and width <= len(costs):
+            costs[width - 1] = 0.9 * costs[width - 1] + 0.1 * seconds
+
     def _use_rows(self, b: int) -> None:
         """Give the controller the costs of a round over ``b`` rows: the k it picks maximises accepted tokens per
         second of the whole batch, and falls to 0 (plain decoding) once the batch is compute-bound."""
@@ -765,6 +773,7 @@ class SpeculativeEngine:
         for s in rows:
             row = [s.tokens[-1]] + inputs[s.slot][0]
             x[s.slot, :len(row)] = torch.tensor(row)
+        t0 = time.perf_counter()
         hidden = self._target_rows(x, 0, [s.tlen for s in rows])
         # The head reads the real positions only (padding would cost a vocabulary-wide product each).
         counts = [1 + len(inputs[s.slot][0]) for s in rows]
@@ -784,7 +793,9 @@ class SpeculativeEngine:
                 else:
                     n, nxt = rejection_verify(d, q if q is not None else probs[:0], probs, s.generator)
             verdicts.append(torch.stack([n, nxt]))
-        for s, logits, (n, nxt) in zip(rows, logits_all, torch.stack(verdicts).tolist()):
+        verdicts = torch.stack(verdicts).tolist()
+        self._observe_cost(b, T, time.perf_counter() - t0)
+        for s, logits, (n, nxt) in zip(rows, logits_all, verdicts):
             self._accept(s, plans[s.slot], inputs[s.slot][0], n, nxt, logits, hidden[s.slot])
 
     def _fit_width(self, plans: dict, b: int) -> dict:

@@ -27,6 +27,7 @@ import collections
 import logging
 import math
 import os
+import queue
 import random
 import socket
 import struct
@@ -753,14 +754,29 @@ class TrainerActor:
     def __init__(self, cfg: dict, journal: str | None = None):
         logging.basicConfig(level=logging.INFO)
         self.cfg = OnspecConfig.model_validate(cfg)
-        self.trainer = build_trainer(self.cfg)
-        if journal:  # fault benches and tests: which records each incarnation used (actors/journal.py)
-            from onspec.actors.journal import TrainingJournal
-            self.trainer.journal = TrainingJournal(journal)
         self._stop, self._paused = threading.Event(), threading.Event()
-        self._thread = threading.Thread(target=self.trainer.run, args=(self._stop, self._paused),
-                                        name="onspec-trainer", daemon=True)
+        built: queue.SimpleQueue = queue.SimpleQueue()
+        # Built on the training thread, so that the thread doing every step is the first to run torch's parallel
+        # (OpenMP) work: a later thread's team ran matrix products 1.5x slower (BENCHMARKS.md, issue 16).
+        self._thread = threading.Thread(target=self._main, args=(journal, built), name="onspec-trainer",
+                                        daemon=True)
         self._thread.start()
+        got = built.get()
+        if isinstance(got, BaseException):
+            raise got
+        self.trainer = got
+
+    def _main(self, journal: str | None, built: queue.SimpleQueue) -> None:
+        try:
+            trainer = build_trainer(self.cfg)
+            if journal:  # fault benches and tests: which records each incarnation used (actors/journal.py)
+                from onspec.actors.journal import TrainingJournal
+                trainer.journal = TrainingJournal(journal)
+        except BaseException as e:  # noqa: BLE001 -- handed to the constructor, which raises it
+            built.put(e)
+            return
+        built.put(trainer)
+        trainer.run(self._stop, self._paused)
 
     def state(self) -> dict:
         return {**self.trainer.state(), "paused": self._paused.is_set(), "alive": self._thread.is_alive()}
