@@ -68,6 +68,20 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_bench_quality(args) -> int:
+    from onspec.cluster.bench_quality import bench_quality, format_report
+    from onspec.cluster.prompts import packaged_prompts, read_prompts
+
+    if args.tokens < args.window or args.window < 2 or args.max_tokens < 1:
+        raise CLIError("--tokens must be at least --window, --window at least 2, --max-tokens at least 1")
+    specs = read_prompts(args.prompts_file or packaged_prompts())
+    log = (lambda row: print(json.dumps(row), file=sys.stderr, flush=True))
+    result = bench_quality(_config(args), specs, args.precision or ["float32", "bfloat16"], tokens=args.tokens,
+                           window=args.window, max_tokens=args.max_tokens, log=log)
+    print(json.dumps(result) if args.json else format_report(result))
+    return 0
+
+
 def cmd_bench_decode(args) -> int:
     from onspec.cluster.bench import bench_decode
     from onspec.cluster.prompts import packaged_prompts, read_prompts
@@ -550,6 +564,18 @@ def build_parser() -> argparse.ArgumentParser:
                          "on the same prompts")
     bd.add_argument("--json", action="store_true")
     bd.set_defaults(func=cmd_bench_decode)
+
+    bq = b.add_parser("quality", help="each target precision against fp32: perplexity on held-out text, argmax and "
+                                      "greedy agreement, forward cost")
+    common(bq)
+    bq.add_argument("--precision", action="append", choices=["float32", "bfloat16", "float16"],
+                    help="repeat for several (default float32 and bfloat16); fp32 is always the reference")
+    bq.add_argument("--tokens", type=int, default=8192, help="held-out tokens scored")
+    bq.add_argument("--window", type=int, default=256)
+    bq.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per packaged prompt")
+    bq.add_argument("--prompts-file", type=Path)
+    bq.add_argument("--json", action="store_true")
+    bq.set_defaults(func=cmd_bench_quality)
     bf = b.add_parser("forward", help="target forward time over 1..9 tokens, nn.Linear vs SkinnyLinear")
     common(bf)
     bf.add_argument("--reps", type=int, default=5)

@@ -103,3 +103,24 @@ def test_prompt_longer_than_context_names_the_entry(tmp_path):
     assert r.returncode == 2
     assert "prompt 'huge' (entry 2)" in r.stderr and "context length" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.real_model
+def test_bench_quality_json(prompts_file, capsys):
+    """Each precision against fp32 in one run: fp32 agrees with itself exactly; bf16 is scored on the same
+    positions and nearly agrees."""
+    argv = ["bench", "quality", "--prompts-file", str(prompts_file), "--tokens", "256", "--window", "128",
+            "--max-tokens", "4", "--json", "--data-dir", str(DATA_DIR)]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    ref, bf16 = out["precisions"]
+    assert (ref["dtype"], bf16["dtype"]) == ("float32", "bfloat16")
+    assert ref["perplexity_vs_fp32_pct"] == 0.0 and ref["argmax_agreement"] == 1.0
+    assert ref["greedy_identical"] == out["prompts"] and ref["candidate_default"]
+    assert bf16["positions"] == ref["positions"] > 200 and bf16["argmax_agreement"] > 0.8
+    assert abs(bf16["perplexity_vs_fp32_pct"]) < 10 and bf16["forward_1_ms"] > 0
+
+
+def test_bench_quality_refuses_bad_sizes(capsys):
+    assert main(["bench", "quality", "--tokens", "10", "--window", "64"]) == 2
+    assert "--tokens" in capsys.readouterr().err
