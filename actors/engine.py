@@ -139,6 +139,9 @@ class DraftController:
 
     def reset(self) -> None:
         self.alpha = self.cfg.acceptance_prior
+        # Accepted tokens per draft slot offered, over every round planned for the model (AdaEDL's early stops
+        # count as 0): what a slot of a batch's width really yields, where alpha is per token actually drafted.
+        self.slot_yield = self.cfg.acceptance_prior
         self.adaedl = AdaEDLState(lam=self.cfg.adaedl_lambda, acceptance=self.cfg.acceptance_prior)
         self.plain_steps = 0
         self.probe_interval = self.cfg.probe_interval
@@ -162,6 +165,11 @@ class DraftController:
                 self.plain_steps, self.probing = 0, True
                 return 1
         return k
+
+    def observe_slots(self, cap: int, accepted: int) -> None:
+        if cap > 0:
+            ema = self.cfg.acceptance_ema
+            self.slot_yield = ema * self.slot_yield + (1 - ema) * accepted / cap
 
     def observe(self, drafted: int, accepted: int, cap: int) -> None:
         if drafted == 0:
@@ -804,7 +812,8 @@ class SpeculativeEngine:
         longest = max(len(sd.tokens) if src == "suffix" else cap for src, cap, sd in plans.values())
         if longest == 0:
             return plans
-        alpha, trust = self.controller.alpha, self.suffix_trust
+        # A model row's worth per slot is what slots have yielded (drafts AdaEDL stopped included), not alpha.
+        alpha, trust = min(self.controller.alpha, self.controller.slot_yield), self.suffix_trust
         gains = []
         for src, cap, sd in plans.values():
             if src == "suffix":
@@ -833,6 +842,8 @@ class SpeculativeEngine:
                 hidden: torch.Tensor) -> None:
         source, cap, sd = plan
         k = len(drafts)
+        if source == "model":
+            self.controller.observe_slots(cap, n)
         if k == 0:
             source = "none"
         old_len = len(seq.tokens)  # the pending token sat at old_len - 1
