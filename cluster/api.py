@@ -64,9 +64,20 @@ Float = Annotated[float, BeforeValidator(_json_number)]
 MAX_CHOICES = 8  # n: at most one batch of rows per request
 
 
+# OpenAI fields that change nothing about the output: accepted and not used.
+NO_OP_FIELDS = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key")
+# OpenAI fields onspec does not implement yet: accepted only with the value that means "off" (clients send
+# frequency_penalty: 0 and friends explicitly); any other value is refused with a 400 naming the field, never
+# accepted and dropped.
+NEUTRAL_ONLY = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},),
+                "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
+                "functions": ([],), "function_call": ("none",), "parallel_tool_calls": (True, False),
+                "modalities": (["text"],), "best_of": (1,), "echo": (False,), "suffix": ("",)}
+
+
 class _Request(BaseModel):
-    # OpenAI clients send fields we do not use (user, frequency_penalty, ...): accept and ignore them.
-    model_config = ConfigDict(extra="ignore")
+    # Every field is honoured, a declared no-op, or refused (extra="forbid": an unknown field is a 400).
+    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     max_tokens: Int | None = None
     temperature: Float = Field(1.0, ge=0.0, le=2.0)
@@ -81,10 +92,22 @@ class _Request(BaseModel):
     label: str | None = Field(None, pattern=LABEL_PATTERN,
                               description="onspec extension: tags traffic (domain, tenant) in the stream and "
                                           "the metrics")
+    user: str | None = Field(None, description="accepted, not used")
+    metadata: dict[str, str] | None = Field(None, description="accepted, not used")
+    store: StrictBool | None = Field(None, description="accepted, not used")
+    service_tier: str | None = Field(None, description="accepted, not used")
+    safety_identifier: str | None = Field(None, description="accepted, not used")
+    prompt_cache_key: str | None = Field(None, description="accepted, not used")
+    frequency_penalty: Any = Field(None, description="not supported: only 0 (400 otherwise)")
+    presence_penalty: Any = Field(None, description="not supported: only 0 (400 otherwise)")
+    logit_bias: Any = Field(None, description="not supported: only {} (400 otherwise)")
 
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
+    best_of: Any = Field(None, description="not supported: only 1 (400 otherwise)")
+    echo: Any = Field(None, description="not supported: only false (400 otherwise)")
+    suffix: Any = Field(None, description="not supported: only \"\" (400 otherwise)")
     logprobs: Int | None = Field(None, ge=0, le=5, description="log-probabilities of the chosen tokens and of the "
                                                               "likeliest this many, under the target")
 
@@ -106,6 +129,13 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: Int | None = None
     logprobs: StrictBool = False
     top_logprobs: Int | None = Field(None, ge=0, le=20)
+    response_format: Any = Field(None, description="not supported: only {\"type\": \"text\"} (400 otherwise)")
+    tools: Any = Field(None, description="not supported: only [] (400 otherwise)")
+    tool_choice: Any = Field(None, description="not supported: only \"none\" (400 otherwise)")
+    functions: Any = Field(None, description="not supported: only [] (400 otherwise)")
+    function_call: Any = Field(None, description="not supported: only \"none\" (400 otherwise)")
+    parallel_tool_calls: Any = Field(None, description="accepted as a boolean; no tools, so nothing to do")
+    modalities: Any = Field(None, description="only [\"text\"] (400 otherwise)")
 
 
 class _AdminBody(BaseModel):
@@ -512,6 +542,9 @@ def validated(schema: type[BaseModel], data: Any) -> BaseModel:
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"]) or None
+        if err["type"] == "extra_forbidden":
+            raise APIError(400, f"{loc}: unknown field; this server does not support it (docs/serving.md lists "
+                                "the fields it takes)", param=loc, code="unsupported_field") from None
         raise APIError(400, f"{loc}: {err['msg']}" if loc else err["msg"], param=loc,
                        code="invalid_value") from None
 
@@ -603,6 +636,12 @@ def create_app(cfg: OnspecConfig, backend, registry=None, history: History | Non
         if req.model is not None and req.model != model_name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found", type="not_found_error")
+        for name, neutral in NEUTRAL_ONLY.items():
+            value = getattr(req, name, None)
+            if value is not None and not any(value == v and isinstance(value, bool) == isinstance(v, bool)
+                                             for v in neutral):
+                raise APIError(400, f"{name} is not supported by this server (only {neutral[0]!r}, which means "
+                                    "off, is accepted)", param=name, code="unsupported_value")
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > 4:
             raise APIError(400, f"stop takes at most 4 sequences, got {len(stops)}", param="stop",
@@ -1009,10 +1048,31 @@ class Usage(BaseModel):
     drafter_version: str | None
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: str
 
 
@@ -1033,7 +1093,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: str
 
 
@@ -1049,7 +1109,7 @@ class ChatCompletion(BaseModel):
 class CompletionChunkChoice(BaseModel):
     index: int
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: str | None
 
 
@@ -1071,7 +1131,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: str | None
 
 
@@ -1152,6 +1212,12 @@ def _declare_limits(models: dict, model_name: str, max_tokens_limit: int) -> Non
             if field in props:
                 props[field] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": max_tokens_limit}, null],
                                 "default": None}
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        props = models[name]["properties"]
+        for field, neutral in NEUTRAL_ONLY.items():
+            if field in props:
+                props[field] = {"anyOf": [{"enum": list(neutral)}, null], "default": None,
+                                "description": "not supported: only the value that means off (400 otherwise)"}
     models["CompletionRequest"]["properties"]["prompt"] = {"anyOf": [
         {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}],
         "description": "one prompt (a list of exactly one string is accepted too)"}

@@ -1,0 +1,47 @@
+"""Every request field is honoured, a declared no-op, or refused with a 400 naming it: never accepted and dropped.
+In-process app over a real Replica with a fake engine (tests/fake_backend.py)."""
+import pytest
+from fastapi.testclient import TestClient
+
+from onspec.cluster.api import create_app
+from onspec.cluster.config import OnspecConfig
+from tests.fake_backend import ReplicaBackend
+
+CHAT = {"messages": [{"role": "user", "content": "a b"}], "max_tokens": 2}
+TEXT = {"prompt": "a b", "max_tokens": 2}
+
+
+@pytest.fixture()
+def client(tmp_path):
+    cfg = OnspecConfig(data_dir=tmp_path)
+    with TestClient(create_app(cfg, ReplicaBackend(cfg))) as c:
+        yield c
+
+
+@pytest.mark.parametrize("path,body,field", [
+    ("/v1/chat/completions", {**CHAT, "frequency_penalty": 0.5}, "frequency_penalty"),
+    ("/v1/chat/completions", {**CHAT, "presence_penalty": -1}, "presence_penalty"),
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {"42": 5}}, "logit_bias"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, "tool_choice"),
+    ("/v1/completions", {**TEXT, "echo": True}, "echo"),
+    ("/v1/completions", {**TEXT, "best_of": 3}, "best_of"),
+    ("/v1/completions", {**TEXT, "frequency_penalty": True}, "frequency_penalty"),
+    ("/v1/chat/completions", {**CHAT, "reasoning_effort": "high"}, "reasoning_effort"),  # unknown to onspec
+    ("/v1/completions", {**TEXT, "temprature": 0.5}, "temprature"),                      # a typo
+])
+def test_a_field_that_would_change_the_answer_is_refused_by_name(client, path, body, field):
+    r = client.post(path, json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field and field in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {**CHAT, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {},
+                              "response_format": {"type": "text"}, "tools": [], "tool_choice": "none",
+                              "parallel_tool_calls": True, "user": "u-1", "metadata": {"k": "v"}, "store": False}),
+    ("/v1/completions", {**TEXT, "best_of": 1, "echo": False, "suffix": "", "user": "u-1", "logit_bias": {}}),
+])
+def test_no_op_fields_and_off_values_are_accepted(client, path, body):
+    assert client.post(path, json=body).status_code == 200
