@@ -165,7 +165,7 @@ def error_response(status: int, error: dict) -> JSONResponse:
 
 
 # ---- authentication and per-key limits (docs/security.md) -----------------------------------------------------
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/dashboard"})  # no key needed, like vLLM's /health
+OPEN_PATHS = frozenset({"/healthz", "/health", "/readyz", "/version", "/metrics", "/dashboard"})  # no key needed, like vLLM's /health
 OPEN_PREFIXES = ("/dashboard/static/",)
 ADMIN_PREFIX = "/v1/admin"
 
@@ -534,6 +534,14 @@ async def read_json(request: Request, limit: int, empty: Any = ...) -> Any:
         raise APIError(400, "the body is not valid JSON: nested too deeply", code="invalid_json") from None
 
 
+def onspec_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("onspec")
+    except PackageNotFoundError:  # run from a checkout without an install
+        return "unknown"
+
+
 def validated(schema: type[BaseModel], data: Any) -> BaseModel:
     if not isinstance(data, dict):
         raise APIError(400, "the body must be a JSON object", code="invalid_json")
@@ -848,11 +856,25 @@ def create_app(cfg: OnspecConfig, backend, registry=None, history: History | Non
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "onspec"}]}
+                                            "owned_by": "onspec", "max_model_len": cfg.model.max_context}]}
 
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok"}
+
+    @app.get("/health")
+    async def health():
+        """vLLM's probe (benchmark tools call it first): 200 while an engine replica answers, else 503."""
+        try:
+            await asyncio.wait_for(backend.ready(), 10.0)
+        except Exception as e:  # noqa: BLE001 -- any failure means not serving
+            return JSONResponse({"status": "unavailable", "reason": f"no engine replica answered within 10 s: "
+                                                                   f"{type(e).__name__}"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/version")
+    async def version():
+        return {"version": onspec_version()}
 
     @app.get("/readyz")
     async def readyz():
@@ -1149,6 +1171,7 @@ class ModelCard(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    max_model_len: int
 
 
 class ModelList(BaseModel):
@@ -1180,6 +1203,8 @@ OPENAPI_ROUTES: dict[tuple[str, str], dict] = {
                                        "errors": (400, 404, 413, 503)},
     ("/v1/models", "get"): {"ok": {_JSON: ModelList}},
     ("/healthz", "get"): {"ok": {_JSON: _OBJECT}},
+    ("/health", "get"): {"ok": {_JSON: _OBJECT}, "errors": {503: Unready}},
+    ("/version", "get"): {"ok": {_JSON: _OBJECT}},
     ("/readyz", "get"): {"ok": {_JSON: _OBJECT}, "errors": {503: Unready}},
     ("/metrics", "get"): {"ok": {"text/plain": _TEXT}},
     ("/v1/admin/trainer", "get"): {"ok": {_JSON: _OBJECT}, "errors": (503,)},

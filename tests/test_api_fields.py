@@ -45,3 +45,12 @@ def test_a_field_that_would_change_the_answer_is_refused_by_name(client, path, b
 ])
 def test_no_op_fields_and_off_values_are_accepted(client, path, body):
     assert client.post(path, json=body).status_code == 200
+
+
+def test_the_routes_vllm_clients_probe(client):
+    from importlib.metadata import version
+
+    assert client.get("/health").status_code == 200
+    assert client.get("/version").json() == {"version": version("onspec")}
+    card = client.get("/v1/models").json()["data"][0]
+    assert card["max_model_len"] == OnspecConfig().model.max_context
