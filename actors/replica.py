@@ -178,7 +178,7 @@ class Replica:
         self._inbox.get()  # the constructor has finished setting up
         jobs: dict[int, _Job] = {}  # id(seq) -> job
         while not self._closed:
-            block = not self.engine.busy  # idle: sleep until a request (or a swap, or close) arrives
+            block = not jobs  # idle: sleep until a request (or a swap, or close) arrives
             while True:
                 try:
                     cmd = self._inbox.get(block=block)
@@ -189,7 +189,7 @@ class Replica:
             if self._closed:
                 return
             self.engine.apply_pending_swap()
-            if not self.engine.busy:
+            if not jobs:  # only its own requests: never a step for sequences someone else submitted
                 continue
             try:
                 touched = self.engine.step()

@@ -61,8 +61,13 @@ def replica(engine, redis_server):
     rep.close()
 
 
-def test_complete_and_stream_match_generate(replica, engine):
-    want = engine.generate(engine.encode(PROMPT), SamplingParams(max_tokens=12, temperature=0.0))
+@pytest.fixture(scope="module")
+def want(engine):
+    # Before any replica owns the engine: one thread at a time may drive it.
+    return engine.generate(engine.encode(PROMPT), SamplingParams(max_tokens=12, temperature=0.0))
+
+
+def test_complete_and_stream_match_generate(want, replica, engine):
     req = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0.0, "label": "colors", "request_id": "r1"}
     res = replica.complete(req)
     assert res["type"] == "result" and res["text"] == want.text and res["token_ids"] == want.token_ids
