@@ -147,3 +147,49 @@ def test_a_batch_is_verified_at_the_width_that_pays_for_all_its_rows():
     assert best_batch_width([sure, unsure, [1.0], [1.0]], linear, [0.0] * 9) == 1
     rising = [1.0 + 0.1 * w for w in range(9)]
     assert best_batch_width([unsure] * 4, rising, [0.0] * 9) == 2  # 5.2 / 1.1 beats 4 / 1.0 and 5.6 / 1.2
+
+
+def test_records_of_requests_decoded_together_carry_their_own_tags():
+    """Rejection records from a batch: each names the request (label, request id) whose row it came from, and
+    its context is that request's own tokens."""
+    class Logger:
+        def __init__(self):
+            self.items = []
+
+        def log(self, item):
+            self.items.append(item)
+
+        def stats(self):
+            return {}
+
+        def ping(self):
+            return True
+
+        def close(self):
+            pass
+
+    cfg = OnspecConfig().merged(**{"stream.coverage_every": 4})
+    log = Logger()
+    rep = Replica(cfg, engine=tiny_engine(drafter_layers=1, mode="fixed", fixed_k=3), logger=log)
+    prompts = {f"r{i}": [10 * i + 1, 10 * i + 2, 10 * i + 3] for i in range(1, 5)}
+    out = {}
+
+    def send(rid):
+        out[rid] = rep.complete({"resume": {"prompt_ids": prompts[rid], "output_ids": [], "sent": ""},
+                                 "max_tokens": 24, "temperature": 0.0, "label": f"lab-{rid}", "request_id": rid})
+
+    try:
+        threads = [threading.Thread(target=send, args=(rid,)) for rid in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert rep.max_batch_seen >= 2  # they really shared rounds
+    finally:
+        rep.close()
+    assert {rid for _, _, _, rid in log.items} == set(prompts)
+    for rec, label, _, rid in log.items:
+        assert label == f"lab-{rid}"
+        whole = prompts[rid] + out[rid]["token_ids"]  # the record's context is a window of its own sequence
+        n = len(rec.context)
+        assert any(whole[i:i + n] == rec.context for i in range(len(whole) - n + 1)), (rid, rec.context)
