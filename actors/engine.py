@@ -693,10 +693,7 @@ class SpeculativeEngine:
             T = max(len(pending[r][0]) for r in live)
             x = torch.zeros(b, T, dtype=torch.long, device=self.device)
             f = torch.zeros(b, T, self.hidden_size, device=self.device) if feature else None
-            lengths = torch.zeros(b, dtype=torch.long)
-            for r in range(lo, lo + b):
-                seq = by_slot[r][0] if r in by_slot else self.active[r] if r < len(self.active) else None
-                lengths[r - lo] = seq.dlen if seq is not None else 0
+            lengths = torch.tensor([self.active[r].dlen for r in range(lo, lo + b)])  # slot r holds active[r]
             for r in live:
                 ids, fr = pending[r]
                 x[r - lo, :len(ids)] = torch.tensor(ids)
