@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 import torch
 from onspec.actors.row_cache import RowCache, body_forward
 from onspec.actors.suffix_index import SuffixDraft, SuffixIndex
-from onspec.cluster.config import OnspecConfig, SpeculationConfig, SuffixConfig
+from onspec.actors.config import OnspecConfig, SpeculationConfig, SuffixConfig
 from onspec.kernels.draft_length import (AdaEDLState, adaedl_should_stop, adaedl_update, best_batch_width,
                                          best_draft_length, expected_tokens)
 from onspec.kernels.sampling import entropy, gumbel_argmax, is_greedy, logits_to_probs, position_gumbel

@@ -1,6 +1,6 @@
 """The trainer's consumption journal: an append-only file saying, for every stream record the trainer consumed,
 what it did with it, written *before* the record is acknowledged (XACK). Off by default; the fault benches and
-tests (cluster/bench_chaos.py) turn it on to check, across trainer crashes and restarts, that every record the
+tests (cluster/bench/chaos.py) turn it on to check, across trainer crashes and restarts, that every record the
 consumer group acknowledged was really used (docs/reliability.md).
 
 One JSON object a line: ``{"i": incarnation, "e": event, "ids": [stream ids], "t": unix time}``. Events:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from onspec.cluster.config import ModelConfig
+from onspec.actors.config import ModelConfig
 from onspec.actors.skinny_linear import use_skinny_linear
 from onspec.kernels.vocab_trim import select_kept_ids
 
@@ -111,7 +111,7 @@ def default_token_counts(vocab_size: int) -> torch.Tensor:
     """Token counts over text the target generated (shipped with the package, made by
     `onspec drafter count-tokens`). Used to pick the VocabTrim rows of the default drafter."""
     counts = torch.zeros(vocab_size, dtype=torch.float64)
-    ref = resources.files("onspec.cluster") / "data" / "token_counts.json"
+    ref = resources.files("onspec.actors") / "data" / "token_counts.json"
     if ref.is_file():
         for tid, c in json.loads(ref.read_text())["counts"].items():
             if int(tid) < vocab_size:
@@ -183,11 +183,11 @@ def derive_drafter(target, layers: int, vocab_keep: int, counts: torch.Tensor | 
     return drafter.to(device=param.device, dtype=param.dtype).eval()
 
 
-PACKAGED_BASE = "base_drafter"  # cluster/data/base_drafter: `onspec drafter pretrain`'s output, shipped
+PACKAGED_BASE = "base_drafter"  # actors/data/base_drafter: `onspec drafter pretrain`'s output, shipped
 
 
 def _packaged_folder() -> Path:
-    return Path(str(resources.files("onspec.cluster") / "data" / PACKAGED_BASE))
+    return Path(str(resources.files("onspec.actors") / "data" / PACKAGED_BASE))
 
 
 def _packaged_manifest(cfg) -> dict | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from onspec.cluster.prompts import PromptSpec
+from onspec.actors.prompts import PromptSpec
 from onspec.kernels.losses import sparse_forward_kl
 
 

@@ -22,7 +22,7 @@ import uuid
 from typing import AsyncIterator, Callable, Iterator
 
 from onspec.actors.engine import GenerationStats, RequestError, SamplingParams
-from onspec.cluster.config import OnspecConfig
+from onspec.actors.config import OnspecConfig
 
 def error_event(message: str, param: str | None = None, code: str | None = None, status: int = 400,
                 type: str = "invalid_request_error") -> dict:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import redis
 
-from onspec.cluster.config import OnspecConfig
+from onspec.actors.config import OnspecConfig
 
 SCHEMA_VERSION = 1
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 import collections
 import struct
 import threading
-import time
 from typing import Callable
 
 import redis
 
 from onspec.actors.suffix_index import SuffixIndex
-from onspec.cluster.config import SuffixConfig
+from onspec.actors.config import SuffixConfig
 
 SHARE_VERSION = 1
 

@@ -27,10 +27,8 @@ import collections
 import logging
 import math
 import os
-import queue
 import random
 import socket
-import struct
 import threading
 import time
 import zlib
@@ -43,212 +41,13 @@ from onspec.actors.hot_swap import serving_load
 from onspec.actors.feature_drafter import drafter_logits, shift_features
 from onspec.actors.models import Drafter
 from onspec.actors.registry import DrafterRegistry, RegistryError
-from onspec.actors.stream_logger import SCHEMA_VERSION, decode_record
-from onspec.cluster.config import OnspecConfig, TrainerConfig
+from onspec.actors.stream_reader import MalformedRecord, StreamReader, parse_record, stream_ms
+from onspec.actors.windows import (ReplayBuffer, Window, dense_teacher_logits, pad_windows, score_windows,
+                                   window_features, window_from_record)
+from onspec.actors.config import OnspecConfig, TrainerConfig
 from onspec.kernels.losses import divergence
 
 log = logging.getLogger("onspec.trainer")
-
-
-# ---- training examples ------------------------------------------------------------------------------------------
-@dataclass
-class Window:
-    """Token ids the target produced (context + accepted drafts + its correction), and what to learn there.
-
-    Row i of the logits predicts ids[i + 1]; ``rejected_row`` predicts the target's correction. Rows before
-    ``first_row`` are context only (on-policy windows: the prefix the drafter continued)."""
-    ids: list[int]
-    rejected_row: int | None
-    greedy: bool
-    record_id: str | None = None
-    label: str = ""
-    first_row: int = 0
-    teacher: "Teacher | None" = field(default=None, repr=False)
-
-
-@dataclass
-class Teacher:
-    """The target at every position of a window, over the drafter's kept vocabulary, kept sparse: its top-k
-    probabilities (not renormalised: the mass outside the kept ids is lost to the drafter anyway), the mass on
-    all kept ids, and the target's greedy choice over the full vocabulary."""
-    idx: torch.Tensor        # [T, K] indices into the kept ids
-    probs: torch.Tensor      # [T, K]
-    kept_mass: torch.Tensor  # [T]
-    argmax: torch.Tensor     # [T] full-vocabulary ids
-    # [T, H] the target's post-norm last hidden state at each position, for feature drafters (EAGLE) only;
-    # 16-bit (float16, or the target's own 16-bit dtype) to bound the replay buffer's memory.
-    features: torch.Tensor | None = None
-
-
-class MalformedRecord(ValueError):
-    """A stream entry the trainer cannot use: a field missing, undecodable or out of range."""
-
-
-def parse_record(fields: dict, vocab_size: int, max_len: int) -> dict | None:
-    """``decode_record`` plus the checks that keep a bad entry from reaching a training step: None for a schema
-    version this trainer does not know (skip it), MalformedRecord for a broken entry (non-integer numbers,
-    packed arrays cut short, token ids outside the vocabulary, a window longer than the model takes, ...)."""
-    raw = fields.get(b"schema_version", fields.get("schema_version"))
-    try:
-        version = int(raw)
-    except (TypeError, ValueError):
-        raise MalformedRecord(f"schema_version is {raw!r}, not an integer") from None
-    if version != SCHEMA_VERSION:
-        return None
-    try:
-        rec = decode_record(fields)
-    except KeyError as e:
-        raise MalformedRecord(f"missing field {e}") from None
-    except (ValueError, TypeError, UnicodeDecodeError, struct.error) as e:
-        raise MalformedRecord(f"undecodable field: {type(e).__name__}: {e}") from None
-    for key in ("context", "drafts", "topk_ids", "topk_logprobs"):
-        b = fields.get(key.encode(), fields.get(key))
-        if len(b) % 4:
-            raise MalformedRecord(f"{key} is {len(b)} bytes, not a whole number of 4-byte values (truncated)")
-    ctx, drafts, n, tgt = rec["context"], rec["drafts"], rec["rejected_pos"], rec["target_token"]
-    if not ctx:
-        raise MalformedRecord("empty context")
-    if not 0 <= n <= len(drafts):
-        raise MalformedRecord(f"rejected_pos {n} outside 0..{len(drafts)}")
-    if len(ctx) + n + 1 > max_len:
-        raise MalformedRecord(f"window of {len(ctx) + n + 1} tokens exceeds the model's {max_len}")
-    if not 0 <= tgt < vocab_size or max(ctx + drafts[:n]) >= vocab_size:
-        raise MalformedRecord(f"token id outside the vocabulary (size {vocab_size})")
-    if not math.isfinite(rec["temperature"]) or rec["temperature"] < 0:
-        raise MalformedRecord(f"temperature {rec['temperature']!r}")
-    return rec
-
-
-def window_from_record(rec: dict, record_id: str | None = None) -> Window:
-    n = rec["rejected_pos"]
-    ids = rec["context"] + rec["drafts"][:n] + [rec["target_token"]]
-    rejected = n < len(rec["drafts"])  # else a coverage record: nothing was rejected in that round
-    return Window(ids=ids, rejected_row=len(rec["context"]) - 1 + n if rejected else None,
-                  greedy=rec.get("temperature", 0.0) <= 1e-5,
-                  record_id=record_id, label=rec.get("label", ""))
-
-
-def _pad(windows: list[Window], device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(w.ids) for w in windows)
-    x = torch.zeros(len(windows), width, dtype=torch.long)
-    mask = torch.zeros(len(windows), width, dtype=torch.bool)
-    for r, w in enumerate(windows):
-        x[r, :len(w.ids)] = torch.tensor(w.ids)
-        mask[r, :len(w.ids)] = True
-    return x.to(device), mask.to(device)
-
-
-@torch.inference_mode()
-def score_windows(target, kept_ids: torch.Tensor, windows: list[Window], topk: int, batch: int = 8,
-                  features: bool = False) -> None:
-    """Fill ``w.teacher`` for windows that lack it: one right-padded target forward per batch (causal attention
-    keeps the real positions unaffected by the padding). ``features``: also keep the target's last hidden states
-    (feature drafters), taken from the same forward (body, then lm_head)."""
-    todo = [w for w in windows if w.teacher is None or (features and w.teacher.features is None)]
-    for i in range(0, len(todo), batch):
-        chunk = todo[i:i + batch]
-        x, _ = _pad(chunk, kept_ids.device)
-        if features:
-            hidden = target.model(input_ids=x).last_hidden_state
-            logits = target.lm_head(hidden).float()
-            hidden = hidden.to(torch.float16) if hidden.dtype == torch.float32 else hidden
-        else:
-            logits = target(input_ids=x).logits.float()
-        p = torch.softmax(logits, -1)
-        argmax = logits.argmax(-1)
-        pk = p[..., kept_ids]
-        top = pk.topk(min(topk, pk.shape[-1]), dim=-1)
-        mass = pk.sum(-1)
-        for r, w in enumerate(chunk):
-            n = len(w.ids)
-            w.teacher = Teacher(top.indices[r, :n].clone(), top.values[r, :n].clone(), mass[r, :n].clone(),
-                                argmax[r, :n].clone(), hidden[r, :n].clone() if features else None)
-
-
-def window_features(windows: list[Window], width: int, device, dtype) -> torch.Tensor:
-    """[B, width, H] the target's last hidden states of scored windows, right-padded with zeros (h_j at j:
-    ``shift_features`` turns them into a feature drafter's input)."""
-    hidden = windows[0].teacher.features.shape[-1]
-    out = torch.zeros(len(windows), width, hidden, dtype=dtype, device=device)
-    for r, w in enumerate(windows):
-        out[r, :len(w.ids)] = w.teacher.features.to(device=device, dtype=dtype)
-    return out
-
-
-def dense_teacher_logits(teachers: list[Teacher], vocab: int) -> torch.Tensor:
-    """[sum T, V'] log-probabilities over the kept ids: the top-k renormalised by the kept mass, the rest of
-    the mass spread evenly (never exactly zero, so reverse KL and JSD stay finite)."""
-    idx = torch.cat([t.idx for t in teachers])
-    probs = torch.cat([t.probs / t.kept_mass.unsqueeze(-1).clamp_min(1e-12) for t in teachers]).clamp_max(1.0)
-    rest = (1.0 - probs.sum(-1, keepdim=True)).clamp_min(0.0) / max(vocab - idx.shape[1], 1)
-    out = torch.log(rest.clamp_min(1e-12)).expand(idx.shape[0], vocab).clone()
-    return out.scatter_(1, idx, torch.log(probs.clamp_min(1e-12)))
-
-
-# ---- the consumer group -----------------------------------------------------------------------------------------
-class StreamReader:
-    """The trainer's side of the rejection stream: XREADGROUP / XACK / XAUTOCLAIM (redis-py streams)."""
-
-    def __init__(self, client: redis.Redis, key: str, group: str, consumer: str, claim_idle_ms: int = 60_000,
-                 count: int = 64):
-        self.r, self.key, self.group, self.consumer = client, key, group, consumer
-        self.claim_idle_ms, self.count = claim_idle_ms, count
-        self._own_cursor: str | None = "0"  # re-read our own pending records first (None: done)
-        self._claim_cursor = "0-0"
-        self.claimed = 0
-
-    def ensure_group(self) -> None:
-        try:
-            # id 0: a new group starts at the stream's beginning (records written before the trainer started).
-            self.r.xgroup_create(self.key, self.group, id="0", mkstream=True)
-        except redis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
-
-    def read(self, block_ms: int | None = None) -> list[tuple[str, dict | None]]:
-        """The next records for this consumer: its own pending ones (after a restart), then records claimed
-        from consumers idle for ``claim_idle_ms``, then new ones (waiting up to ``block_ms``)."""
-        if self._own_cursor is not None:
-            got = self._entries(self.r.xreadgroup(self.group, self.consumer, {self.key: self._own_cursor},
-                                                  count=self.count))
-            if got:
-                self._own_cursor = got[-1][0]
-                return got
-            self._own_cursor = None
-        res = self.r.xautoclaim(self.key, self.group, self.consumer, self.claim_idle_ms,
-                                start_id=self._claim_cursor, count=self.count)
-        self._claim_cursor = _text(res[0])
-        claimed = [(_text(i), f or None) for i, f in res[1]]
-        if claimed:
-            self.claimed += len(claimed)
-            return claimed
-        return self._entries(self.r.xreadgroup(self.group, self.consumer, {self.key: ">"}, count=self.count,
-                                               block=block_ms))
-
-    @staticmethod
-    def _entries(resp) -> list[tuple[str, dict | None]]:
-        out = []
-        for _, entries in resp or []:
-            out.extend((_text(i), f or None) for i, f in entries)
-        return out
-
-    def ack(self, ids: list[str]) -> int:
-        return int(self.r.xack(self.key, self.group, *ids)) if ids else 0
-
-    def pending(self) -> int:
-        return int(self.r.xpending(self.key, self.group)["pending"])
-
-
-def _stream_ms(rid: str | None) -> int | None:
-    """The millisecond timestamp a Redis stream id ("<ms>-<seq>") starts with; None for anything else."""
-    try:
-        return int(rid.split("-")[0])
-    except (AttributeError, ValueError):
-        return None
-
-
-def _text(v) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 # ---- DeepSpeed ---------------------------------------------------------------------------------------------------
@@ -337,9 +136,8 @@ class OnlineTrainer:
         self.serving_version = getattr(drafter, "version", None) or "base"
         self.serving_drafter = clone_drafter(drafter, target)
         self.fresh: collections.deque[Window] = collections.deque()
-        self.replay: collections.deque[tuple[int, Window]] = collections.deque(maxlen=self.tc.replay_size)
+        self.replay = ReplayBuffer(self.tc.replay_size, self.tc.replay_half_life)
         self.holdout: collections.deque[Window] = collections.deque(maxlen=self.tc.holdout_size)
-        self.seen = 0  # windows added to the replay buffer so far (their sequence numbers)
         self.steps_since_candidate = 0
         self.rng = random.Random(seed)
         self.stats = TrainerStats()
@@ -409,7 +207,7 @@ class OnlineTrainer:
         never saw (a request's records overlap: a random split of records would leak them); "record": each
         record on its own."""
         key = rid
-        ms = _stream_ms(rid)
+        ms = stream_ms(rid)
         if self.tc.holdout_split == "time" and ms is not None:
             key = str(int(ms / (1000 * self.tc.holdout_block_s)))
         return zlib.crc32(key.encode()) % 100 < self.tc.holdout_percent
@@ -445,7 +243,7 @@ class OnlineTrainer:
         """One applied optimizer step on ``windows``; returns the loss."""
         t0 = time.perf_counter()
         score_windows(self.target, self.kept, windows, self.tc.teacher_topk, features=self._feature)
-        x, mask = _pad(windows, self.kept.device)
+        x, mask = pad_windows(windows, self.kept.device)
         if self._feature:  # teacher-forced on the target's own features: position i gets h_{i-1}
             h = window_features(windows, x.shape[1], x.device, next(self.drafter.parameters()).dtype)
             logits, predicted = self.engine(x, shift_features(h))
@@ -476,12 +274,7 @@ class OnlineTrainer:
         return self.stats.last_loss
 
     def _sample_replay(self, n: int) -> list[Window]:
-        if not self.replay or n <= 0:
-            return []
-        newest = self.seen
-        weights = [0.5 ** ((newest - seq) / self.tc.replay_half_life) for seq, _ in self.replay]
-        picks = self.rng.choices(range(len(self.replay)), weights=weights, k=min(n, len(self.replay)))
-        return [self.replay[i][1] for i in set(picks)]
+        return self.replay.sample(n, self.rng)
 
     def step_records(self) -> bool:
         """A step on fresh windows (topped up from the replay buffer); their records are acknowledged after it."""
@@ -499,11 +292,10 @@ class OnlineTrainer:
         self._ack([w.record_id for w in fresh])
         now_ms = time.time() * 1000
         for w in fresh:
-            ms = _stream_ms(w.record_id)
+            ms = stream_ms(w.record_id)
             if ms is not None:  # the record's age when its step was applied
                 self._waits.append(max(0.0, now_ms - ms) / 1000)
-            self.seen += 1
-            self.replay.append((self.seen, w))
+            self.replay.add(w)
         self.stats.record_steps += 1
         return True
 
@@ -567,7 +359,7 @@ class OnlineTrainer:
         n = 0
         for i in range(0, len(windows), 8):
             chunk = windows[i:i + 8]
-            x, _ = _pad(chunk, self.kept.device)
+            x, _ = pad_windows(chunk, self.kept.device)
             feats = shift_features(window_features(chunk, x.shape[1], x.device, next(drafter.parameters()).dtype)) \
                 if feature else None
             q = torch.softmax(drafter_logits(drafter, x, feats).float(), -1)
@@ -724,73 +516,3 @@ class OnlineTrainer:
     def state(self) -> dict:
         return {"serving_version": self.serving_version, "fresh": len(self.fresh), "replay": len(self.replay),
                 "holdout": len(self.holdout), **self.stats.as_dict(), **self.rates()}
-
-
-def build_trainer(cfg: OnspecConfig, client: redis.Redis | None = None) -> OnlineTrainer:
-    """Everything from the config: its own target copy, the registry, the serving (or initial) drafter."""
-    from onspec.actors.checkpoint import load_checkpoint
-    from onspec.actors.models import load_target, make_drafter, stop_token_ids
-
-    torch.set_num_threads(cfg.trainer.threads)
-    target, tok = load_target(cfg.model.model_copy(update={"threads": cfg.trainer.threads}), cfg.data_dir)
-    client = client or redis.Redis.from_url(cfg.redis.url, socket_timeout=10, socket_connect_timeout=10)
-    registry = DrafterRegistry(client, cfg.data_dir, cfg.registry.prefix)
-    if cfg.drafter.checkpoint:
-        initial, _ = load_checkpoint(cfg.drafter.checkpoint, target)
-    else:
-        initial = make_drafter(target, cfg.drafter, always_keep=tuple(stop_token_ids(target, tok)))
-    registry.ensure_registered(initial)
-    serving = registry.serving()
-    drafter = registry.load(serving, target) if serving and serving != initial.version else initial
-    reader = StreamReader(client, cfg.redis.stream_key, cfg.trainer.consumer_group, cfg.trainer.consumer,
-                          cfg.trainer.claim_idle_ms, cfg.trainer.read_count)
-    reader.ensure_group()
-    return OnlineTrainer(cfg, target, drafter, registry, reader)
-
-
-class TrainerActor:
-    """The Ray actor (cluster/serve.py starts it with ray.remote): the trainer on a background thread."""
-
-    def __init__(self, cfg: dict, journal: str | None = None):
-        logging.basicConfig(level=logging.INFO)
-        self.cfg = OnspecConfig.model_validate(cfg)
-        self._stop, self._paused = threading.Event(), threading.Event()
-        built: queue.SimpleQueue = queue.SimpleQueue()
-        # Built on the training thread, so that the thread doing every step is the first to run torch's parallel
-        # (OpenMP) work: a later thread's team ran matrix products 1.5x slower (BENCHMARKS.md, issue 16).
-        self._thread = threading.Thread(target=self._main, args=(journal, built), name="onspec-trainer",
-                                        daemon=True)
-        self._thread.start()
-        got = built.get()
-        if isinstance(got, BaseException):
-            raise got
-        self.trainer = got
-
-    def _main(self, journal: str | None, built: queue.SimpleQueue) -> None:
-        try:
-            trainer = build_trainer(self.cfg)
-            if journal:  # fault benches and tests: which records each incarnation used (actors/journal.py)
-                from onspec.actors.journal import TrainingJournal
-                trainer.journal = TrainingJournal(journal)
-        except BaseException as e:  # noqa: BLE001 -- handed to the constructor, which raises it
-            built.put(e)
-            return
-        built.put(trainer)
-        trainer.run(self._stop, self._paused)
-
-    def state(self) -> dict:
-        return {**self.trainer.state(), "paused": self._paused.is_set(), "alive": self._thread.is_alive()}
-
-    def pause(self, timeout_s: float = 120.0) -> dict:
-        """Stop computing; returns once the step in progress (if any) is done."""
-        self._paused.set()
-        self.trainer.idle.wait(timeout_s)
-        return self.state()
-
-    def resume(self) -> dict:
-        self._paused.clear()
-        return self.state()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)

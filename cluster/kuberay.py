@@ -23,7 +23,7 @@ import os
 from typing import Any, Mapping, Optional
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from onspec.cluster.config import OnspecConfig
+from onspec.actors.config import OnspecConfig
 
 log = logging.getLogger("onspec.kuberay")
 
@@ -85,7 +85,7 @@ def ensure_trainer(cfg: OnspecConfig, resources: Mapping[str, float] | None = No
     trainer). Does not wait for it to load: the build must not block on the model."""
     import ray
 
-    from onspec.actors.trainer import TrainerActor
+    from onspec.actors.trainer_actor import TrainerActor
 
     try:
         return ray.get_actor(TRAINER_NAME, namespace=SERVE_NAMESPACE)

@@ -16,7 +16,7 @@ import socket
 import uuid
 from pathlib import Path
 
-from onspec.cluster.config import OnspecConfig
+from onspec.actors.config import OnspecConfig
 
 APP_NAME = "onspec"
 log = logging.getLogger("onspec.serve")
@@ -314,7 +314,7 @@ class Cluster:
         """The online trainer as a Ray actor (actors/trainer.py); it reads the stream the replicas write."""
         import ray
 
-        from onspec.actors.trainer import TrainerActor
+        from onspec.actors.trainer_actor import TrainerActor
 
         if not self.cfg.redis.url:
             raise ServeError("the trainer needs Redis (the rejection stream and the drafter registry)")

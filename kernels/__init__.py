@@ -1,4 +1,6 @@
-"""The math of onspec: pure functions over tensors, each citing the equation it implements."""
+"""The math of onspec: pure functions over tensors, each citing the equation it implements (verification and
+rejection sampling, sampling transforms, draft-length control, distillation losses, vocabulary trimming).
+The bottom of kernels <- actors <- cluster: nothing here imports another part of onspec."""
 if __name__ == "kernels":
     # Installed, this folder is `onspec.kernels`. Only a checkout's root on sys.path (pytest, `python -c` there,
     # Ray workers that inherit the driver's path) imports it as a top-level `kernels`, the name of a package

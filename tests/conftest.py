@@ -64,7 +64,7 @@ def tiny_target(vocab=96, layers=4, hidden=64, seed=0):
 def tiny_engine(drafter_layers=2, vocab_keep=64, mode="adaedl", cost_aware=False, seed=0, source="model", **spec):
     from onspec.actors.engine import SpeculativeEngine
     from onspec.actors.models import derive_drafter
-    from onspec.cluster.config import SpeculationConfig
+    from onspec.actors.config import SpeculationConfig
 
     target = tiny_target(seed=seed)
     counts = torch.arange(target.config.vocab_size, 0, -1).double()
@@ -76,7 +76,7 @@ def tiny_engine(drafter_layers=2, vocab_keep=64, mode="adaedl", cost_aware=False
 @pytest.fixture(scope="session")
 def real_engine():
     from onspec.actors.engine import SpeculativeEngine
-    from onspec.cluster.config import OnspecConfig
+    from onspec.actors.config import OnspecConfig
 
     return SpeculativeEngine.from_config(OnspecConfig(data_dir=DATA_DIR))
 

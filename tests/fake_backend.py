@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from onspec.actors.engine import GenerationStats, RequestError
 from onspec.actors.replica import Replica
-from onspec.cluster.config import OnspecConfig
+from onspec.actors.config import OnspecConfig
 
 
 class WordTokenizer:

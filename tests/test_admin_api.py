@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from onspec.actors.registry import DrafterRegistry
 from onspec.cluster.api import create_app
 from onspec.cluster.cli import main
-from onspec.cluster.config import OnspecConfig
+from onspec.actors.config import OnspecConfig
 from onspec.cluster.redis_server import free_port
 
 PREFIX = "test:drafters"

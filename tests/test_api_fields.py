@@ -4,7 +4,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from onspec.cluster.api import create_app
-from onspec.cluster.config import OnspecConfig
+from onspec.actors.config import OnspecConfig
 from tests.fake_backend import ReplicaBackend
 
 CHAT = {"messages": [{"role": "user", "content": "a b"}], "max_tokens": 2}

@@ -7,7 +7,7 @@ import pytest
 
 from onspec.actors.engine import SamplingParams
 from onspec.actors.replica import Replica
-from onspec.cluster.config import OnspecConfig
+from onspec.actors.config import OnspecConfig
 from tests.conftest import tiny_engine
 from tests.fake_backend import FakeEngine
 

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from onspec.cluster.bench_soak import sample_processes, soak_report
+from onspec.cluster.bench.soak import sample_processes, soak_report
 
 
 def _sample(t, rss: dict, sent, completed, failed, hung, drafted, accepted, tokens, steps, version="base"):

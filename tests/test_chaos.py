@@ -1,7 +1,7 @@
 """Faults on the real processes of one running cluster (real Ray Serve with 1 engine replica, the real model, the
 trainer actor with its journal, a private real redis-server), each under closed-loop HTTP traffic: a tampered
 checkpoint, redis-server killed and restarted, the trainer killed inside a step, the engine replica killed. The
-scenarios are cluster/bench_chaos.py's, with small sizes: each checks what the consumer group acknowledged so far
+scenarios are cluster/bench/chaos.py's, with small sizes: each checks what the consumer group acknowledged so far
 against the trainer's journal (records_lost), and the last test drains the stream and checks all of it. Cheaper
 checks of the same mechanisms (the audit, the watcher's refusal) come first. One cluster, ~2 min on a quiet
 2-core machine."""
@@ -17,9 +17,9 @@ from onspec.actors.checkpoint import WEIGHTS
 from onspec.actors.hot_swap import DrafterWatcher
 from onspec.actors.journal import TrainingJournal, audit, read_journal
 from onspec.actors.registry import DrafterRegistry
-from onspec.cluster import bench_chaos as bc
-from onspec.cluster.config import OnspecConfig
-from onspec.cluster.prompts import packaged_prompts, read_prompts
+from onspec.cluster.bench import chaos as bc
+from onspec.actors.config import OnspecConfig
+from onspec.actors.prompts import packaged_prompts, read_prompts
 
 from tests.conftest import DATA_DIR, tiny_drafter, tiny_target
 

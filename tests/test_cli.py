@@ -48,7 +48,7 @@ def test_bench_decode_json(tmp_path, prompts_file, real_engine, capsys):
     the real model is loaded once more, but none of a subprocess's imports."""
     from onspec.actors.checkpoint import save_checkpoint
     from onspec.actors.models import make_drafter
-    from onspec.cluster.config import DrafterConfig
+    from onspec.actors.config import DrafterConfig
 
     saved = make_drafter(real_engine.target, DrafterConfig(kind="feature"))
     save_checkpoint(saved, tmp_path / "f1", version="f1", parent="base-feature")

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from onspec.actors.models import derive_drafter
 from onspec.actors.registry import DrafterRegistry
 from onspec.cluster.api import MAX_METRIC_VERSIONS, Metrics, create_app
-from onspec.cluster.config import OnspecConfig
+from onspec.actors.config import OnspecConfig
 from onspec.cluster.dashboard import STATIC, History
 from onspec.cluster.redis_server import free_port
 from prometheus_client.parser import text_string_to_metric_families

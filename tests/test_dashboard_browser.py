@@ -18,7 +18,7 @@ from onspec.actors.models import derive_drafter
 from onspec.actors.registry import DrafterRegistry
 from onspec.actors.replica import Replica
 from onspec.cluster.api import create_app
-from onspec.cluster.config import OnspecConfig
+from onspec.actors.config import OnspecConfig
 from onspec.cluster.dashboard import History
 from onspec.cluster.redis_server import RedisServer, free_port
 

@@ -186,7 +186,7 @@ def test_round_observer_sees_each_rejection_with_the_targets_choice():
 
 def test_coverage_records_reach_the_observer_when_nothing_is_drafted():
     """A drafter too poor to use means no drafts and so no rejections: coverage records still carry the text."""
-    from onspec.actors.trainer import window_from_record
+    from onspec.actors.windows import window_from_record
 
     eng = tiny_engine()
     eng.record_coverage = 10

@@ -14,7 +14,7 @@ from onspec.actors.checkpoint import CheckpointError, load_checkpoint, read_mani
 from onspec.actors.feature_drafter import (FeatureDrafter, derive_feature_drafter, drafter_logits, shift_features,
                                            target_features)
 from onspec.actors.models import Drafter, derive_drafter, make_drafter
-from onspec.cluster.config import DrafterConfig, OnspecConfig
+from onspec.actors.config import DrafterConfig, OnspecConfig
 from tests.conftest import tiny_drafter, tiny_target
 
 KEY, GROUP = "test:feature-rejections", "trainers"
@@ -171,7 +171,8 @@ def _write_records(client, n, seed=0, vocab=96):
 
 def _feature_trainer(client, tmp_path, init="first", **trainer):
     from onspec.actors.registry import DrafterRegistry
-    from onspec.actors.trainer import OnlineTrainer, StreamReader
+    from onspec.actors.stream_reader import StreamReader
+    from onspec.actors.trainer import OnlineTrainer
 
     cfg = OnspecConfig(data_dir=tmp_path).merged(**{"trainer.batch_windows": 4, "trainer.fresh_per_step": 2,
                                                      "trainer.holdout_percent": 20, "trainer.holdout_split": "record",

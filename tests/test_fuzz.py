@@ -14,7 +14,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from onspec.actors.registry import DrafterRegistry
 from onspec.cluster.api import create_app
-from onspec.cluster.config import OnspecConfig
+from onspec.actors.config import OnspecConfig
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi import checks as oc
 

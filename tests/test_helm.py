@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from onspec.cluster.config import OnspecConfig
+from onspec.actors.config import OnspecConfig
 from tests.conftest import tools_fetch
 from onspec.cluster.kuberay import (chart_values_defaults, chart_values_schema, resolve_config, trainer_options,
                                     with_password, wants_trainer, KubeRayConfigError)

@@ -9,7 +9,7 @@ import pytest
 import redis
 from onspec.actors.journal import TrainingJournal, read_journal
 from onspec.actors.stream_logger import encode_record
-from onspec.actors.trainer import MalformedRecord, parse_record
+from onspec.actors.stream_reader import MalformedRecord, parse_record
 
 from tests.test_trainer import GROUP, KEY, _records, _trainer
 

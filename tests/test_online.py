@@ -9,8 +9,10 @@ from onspec.actors.models import derive_drafter, stop_token_ids
 from onspec.actors.registry import DrafterRegistry
 from onspec.actors.replica import Replica
 from onspec.actors.stream_logger import StreamLogger, encode_record
-from onspec.actors.trainer import OnlineTrainer, StreamReader, Window
-from onspec.cluster.config import OnspecConfig
+from onspec.actors.stream_reader import StreamReader
+from onspec.actors.trainer import OnlineTrainer
+from onspec.actors.windows import Window
+from onspec.actors.config import OnspecConfig
 from onspec.cluster.redis_server import RedisServer
 
 pytestmark = pytest.mark.real_model

@@ -14,10 +14,10 @@ from onspec.actors.models import (PACKAGED_BASE, initial_version, make_drafter, 
                                   stop_token_ids)
 from onspec.actors.pretrain import PretrainPlan, pretrain, target_fingerprint
 from onspec.actors.pretrain_prompts import pretrain_prompts
-from onspec.cluster.config import DrafterConfig
+from onspec.actors.config import DrafterConfig
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = REPO / "cluster" / "data" / PACKAGED_BASE
+SHIPPED = REPO / "actors" / "data" / PACKAGED_BASE
 
 pytestmark = pytest.mark.real_model
 
@@ -78,7 +78,7 @@ def test_a_pretrained_checkpoint_is_fp16_and_shares_the_targets_head(tiny_run, r
 
 
 def test_the_shipped_base_drafter_is_small_and_what_a_fresh_clone_serves(real_engine):
-    assert (SHIPPED / "manifest.json").is_file(), "cluster/data/base_drafter is not in the repository"
+    assert (SHIPPED / "manifest.json").is_file(), "actors/data/base_drafter is not in the repository"
     weights = SHIPPED / "drafter.safetensors"
     assert weights.stat().st_size <= 16 * 2**20
     manifest = read_manifest(SHIPPED)
@@ -109,7 +109,7 @@ def test_the_shipped_base_drafter_keeps_outputs_identical_and_is_accepted(real_e
     alone, and its first-token acceptance clears a floor well under what BENCHMARKS.md measures on unseen
     prompts (0.2 here against 0.5+: the floor catches a broken base, not noise)."""
     from onspec.actors.engine import SamplingParams
-    from onspec.cluster.prompts import packaged_prompts, read_prompts
+    from onspec.actors.prompts import packaged_prompts, read_prompts
 
     eng = real_engine
     base = make_drafter(eng.target, DrafterConfig())

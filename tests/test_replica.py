@@ -10,7 +10,7 @@ from onspec.actors.engine import SamplingParams
 from onspec.actors.models import initial_version
 from onspec.actors.replica import Replica
 from onspec.actors.stream_logger import StreamLogger, decode_record, encode_record
-from onspec.cluster.config import OnspecConfig
+from onspec.actors.config import OnspecConfig
 from onspec.cluster.redis_server import RedisServer
 
 from tests.conftest import DATA_DIR

@@ -26,7 +26,7 @@ from onspec.actors.registry import DrafterRegistry
 from onspec.actors.stream_logger import StreamLogger
 from onspec.cluster.api import Keys, create_app, presented_key, required_scope
 from onspec.cluster.cli import CLIError, bind_message, main
-from onspec.cluster.config import OnspecConfig, SecretFileError, read_key_file
+from onspec.actors.config import OnspecConfig, SecretFileError, read_key_file
 from onspec.cluster.dashboard import History
 from onspec.cluster.redis_server import RedisServer, free_port
 from onspec.cluster.serve import shown_url, with_redis_password

@@ -10,7 +10,7 @@ import redis
 from onspec.actors.engine import SamplingParams
 from onspec.actors.models import initial_version
 from onspec.actors.stream_logger import SCHEMA_VERSION, decode_record
-from onspec.cluster.config import OnspecConfig
+from onspec.actors.config import OnspecConfig
 from onspec.cluster.redis_server import free_port
 
 from tests.conftest import DATA_DIR

@@ -158,7 +158,7 @@ def test_repeated_requests_get_drafts_from_the_suffix_source_on_the_real_model(r
 def test_replicas_share_finished_requests_through_redis(redis_server):
     import redis
     from onspec.actors.suffix_share import SuffixSharer
-    from onspec.cluster.config import SuffixConfig
+    from onspec.actors.config import SuffixConfig
     from tests.conftest import poll
 
     cfg = SuffixConfig(stream_key="test:suffix")

@@ -12,8 +12,10 @@ from onspec.actors.engine import RoundRecord
 from onspec.actors.models import derive_drafter
 from onspec.actors.registry import DrafterRegistry
 from onspec.actors.stream_logger import encode_record
-from onspec.actors.trainer import OnlineTrainer, StreamReader, Window, window_from_record
-from onspec.cluster.config import OnspecConfig
+from onspec.actors.stream_reader import StreamReader
+from onspec.actors.trainer import OnlineTrainer
+from onspec.actors.windows import Window, window_from_record
+from onspec.actors.config import OnspecConfig
 from tests.conftest import tiny_target
 
 KEY, GROUP = "test:rejections", "trainers"

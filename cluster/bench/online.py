@@ -19,16 +19,13 @@ from pathlib import Path
 
 import httpx
 
-from onspec.cluster.config import OnspecConfig
-from onspec.cluster.prompts import PromptSpec, read_prompts
+from onspec.actors.config import OnspecConfig
+from onspec.actors.prompts import PromptSpec, read_prompts
+from onspec.cluster.bench.common import request_for
 
 
 def _request(client: httpx.Client, url: str, model: str, spec: PromptSpec, max_tokens: int, label: str) -> dict:
-    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "label": label}
-    if spec.messages is not None:
-        path, body["messages"] = "/v1/chat/completions", spec.messages
-    else:
-        path, body["prompt"] = "/v1/completions", spec.prompt
+    path, body = request_for(spec, model=model, max_tokens=max_tokens, temperature=0, label=label)
     r = client.post(url + path, json=body)
     r.raise_for_status()
     return r.json()["usage"]
@@ -81,7 +78,7 @@ class Traffic:
 def measure(engine, specs: list[PromptSpec], max_tokens: int, accept_k: int) -> dict:
     """Acceptance at a fixed draft length, and speculative vs target-only tokens/s side by side."""
     from onspec.actors.engine import SamplingParams
-    from onspec.cluster.bench import bench_decode
+    from onspec.cluster.bench.decode import bench_decode
 
     speed = bench_decode(engine, specs, max_tokens)
     spec_cfg = engine.spec
@@ -207,7 +204,8 @@ def _p99_with_and_without_trainer(cluster, model: str, specs: list[PromptSpec], 
     that drift in the machine's load hits both alike: does the trainer really yield to serving?"""
     import asyncio
 
-    from onspec.cluster.bench_serve import percentile, run_load
+    from onspec.cluster.bench.common import percentile
+    from onspec.cluster.bench.serve import run_load
 
     lat = {"paused": [], "running": []}
     tps = {"paused": [], "running": []}

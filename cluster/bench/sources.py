@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from onspec.cluster.config import OnspecConfig
-from onspec.cluster.prompts import read_prompts
+from onspec.actors.config import OnspecConfig
+from onspec.actors.prompts import read_prompts
 
 VARIANTS = {
     "rejected_only": {"trainer.window_positions": False, "trainer.onpolicy": False},
@@ -38,7 +38,9 @@ def bench_sources(cfg: OnspecConfig, phase: Path, steps: int = 60, eval_prompts:
     from onspec.actors.registry import DrafterRegistry
     from onspec.actors.replica import Replica
     from onspec.actors.stream_logger import StreamLogger, decode_record, encode_record
-    from onspec.actors.trainer import OnlineTrainer, StreamReader, Window, score_windows, window_from_record
+    from onspec.actors.stream_reader import StreamReader
+    from onspec.actors.trainer import OnlineTrainer
+    from onspec.actors.windows import Window, score_windows, window_from_record
     from onspec.cluster.redis_server import RedisServer
 
     specs = read_prompts(phase)

@@ -71,4 +71,4 @@ def read_prompts(path: Path | str) -> list[PromptSpec]:
 
 
 def packaged_prompts(name: str = "default_prompts.jsonl") -> Path:
-    return Path(str(resources.files("onspec.cluster") / "data" / name))
+    return Path(str(resources.files("onspec.actors") / "data" / name))

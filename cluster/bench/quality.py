@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from onspec.cluster.config import OnspecConfig
-from onspec.cluster.prompts import PromptSpec
+from onspec.actors.config import OnspecConfig
+from onspec.actors.prompts import PromptSpec
 
 PPL_BAR_PCT = 2.0
 

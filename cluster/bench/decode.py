@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 
 from onspec.actors.engine import DraftController, SamplingParams, SpeculativeEngine
-from onspec.cluster.prompts import PromptSpec
+from onspec.actors.prompts import PromptSpec
 from onspec.kernels.draft_length import best_draft_length
 
 

@@ -24,257 +24,23 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import tempfile
-import threading
 import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import httpx
 import redis
-from onspec.cluster.config import OnspecConfig
-from onspec.cluster.prompts import PromptSpec
+from onspec.actors.config import OnspecConfig
+from onspec.actors.prompts import PromptSpec
+from onspec.cluster.bench.common import Load, WaitTimeout, first_api_key, start_chaos_cluster, wait_for
+from onspec.cluster.bench.probes import (JournalTail, actor_pid, engine_replicas, group_info, pending_ids,
+                                         replica_stats, running_engine_replicas, stream_ids)
 
 SCENARIOS = ("kill_replica", "kill_trainer", "kill_redis", "corrupt_checkpoint")
-ENGINE_ACTOR_PREFIX = "SERVE_REPLICA::onspec#onspec-engine#"
-
-
-class ChaosError(RuntimeError):
-    pass
-
-
-def wait_for(pred: Callable[[], object], timeout: float, every: float = 0.2, what: str = "") -> object:
-    """Poll ``pred`` until it returns something truthy (returned) or ``timeout`` passes (ChaosError)."""
-    deadline = time.monotonic() + timeout
-    last_error = None
-    while True:
-        try:
-            value = pred()
-        except Exception as e:  # noqa: BLE001 -- a probe that fails (a process restarting) is just "not yet"
-            value, last_error = None, e
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            why = f" (last probe error: {type(last_error).__name__}: {last_error})" if last_error else ""
-            raise ChaosError(f"timed out after {timeout:.0f} s waiting for {what or pred}{why}")
-        time.sleep(every)
-
-
-# ---- traffic -------------------------------------------------------------------------------------------------
-@dataclass
-class Outcome:
-    t0: float
-    t1: float
-    outcome: str  # completed | failed | failed_unclear | hung
-    error: str = ""
-    stream: bool = False
-    usage: dict | None = None
-
-
-class Load:
-    """Closed-loop clients over HTTP: each sends its next request as soon as the previous one ends. Every second
-    request streams. A request that has not finished after ``timeout_s`` is abandoned and counted as hung."""
-
-    def __init__(self, url: str, model: str, specs: list[PromptSpec], clients: int = 3, max_tokens: int = 16,
-                 timeout_s: float = 120.0, label: str = "chaos", seed: int = 0, api_key: str | None = None):
-        self.url, self.model, self.specs = url.rstrip("/"), model, specs
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.max_tokens, self.timeout_s, self.label = max_tokens, timeout_s, label
-        self.results: list[Outcome] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client, args=(seed + i,), daemon=True,
-                                          name=f"chaos-client-{i}") for i in range(clients)]
-
-    # -- one request --
-    def _body(self, spec: PromptSpec, stream: bool) -> tuple[str, dict]:
-        body = {"model": self.model, "max_tokens": self.max_tokens, "temperature": 0, "label": self.label,
-                "stream": stream}
-        if stream:
-            body["stream_options"] = {"include_usage": True}
-        if spec.messages is not None:
-            return "/v1/chat/completions", {**body, "messages": spec.messages}
-        return "/v1/completions", {**body, "prompt": spec.prompt}
-
-    @staticmethod
-    def _error_of(r: httpx.Response) -> tuple[str, str]:
-        try:
-            msg = r.json()["error"]["message"]
-            return "failed", f"HTTP {r.status_code}: {msg}"
-        except Exception:  # noqa: BLE001 -- not an OpenAI error body
-            return "failed_unclear", f"HTTP {r.status_code}: {r.text[:120]!r}"
-
-    def request(self, client: httpx.Client, spec: PromptSpec, stream: bool) -> Outcome:
-        path, body = self._body(spec, stream)
-        t0 = time.time()
-        try:
-            if not stream:
-                r = client.post(self.url + path, json=body)
-                if r.status_code != 200:
-                    return Outcome(t0, time.time(), *self._error_of(r))
-                return Outcome(t0, time.time(), "completed", usage=r.json().get("usage"))
-            with client.stream("POST", self.url + path, json=body) as r:
-                if r.status_code != 200:
-                    r.read()
-                    return Outcome(t0, time.time(), *self._error_of(r), stream=True)
-                usage, error, done = None, None, False
-                for line in r.iter_lines():
-                    if time.time() - t0 > self.timeout_s:
-                        return Outcome(t0, time.time(), "hung", "stream still running at the timeout", True)
-                    if line == "data: [DONE]":
-                        done = True
-                        break
-                    if line.startswith("data: {"):
-                        chunk = json.loads(line[6:])
-                        if "error" in chunk:
-                            error = chunk["error"].get("message") or "error event"
-                        if chunk.get("usage"):
-                            usage = chunk["usage"]
-                if error:
-                    return Outcome(t0, time.time(), "failed", f"in-stream error: {error}", True)
-                if not done or usage is None:
-                    return Outcome(t0, time.time(), "failed_unclear", "stream ended without [DONE]", True)
-                return Outcome(t0, time.time(), "completed", stream=True, usage=usage)
-        except httpx.TimeoutException as e:
-            return Outcome(t0, time.time(), "hung", f"{type(e).__name__} after {self.timeout_s:.0f} s", stream)
-        except (httpx.HTTPError, ValueError, KeyError) as e:
-            return Outcome(t0, time.time(), "failed_unclear", f"{type(e).__name__}: {e}", stream)
-
-    def _client(self, seed: int) -> None:
-        rng = random.Random(seed)
-        with httpx.Client(timeout=httpx.Timeout(self.timeout_s, connect=10.0), headers=self.headers) as client:
-            n = seed
-            while not self._stop.is_set():
-                res = self.request(client, rng.choice(self.specs), stream=n % 2 == 0)
-                n += 1
-                with self._lock:
-                    self.results.append(res)
-
-    # -- control --
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        """No new requests; the ones in flight finish (or reach their timeout)."""
-        self._stop.set()
-        for t in self._threads:
-            t.join(self.timeout_s + 30)
-
-    def snapshot(self) -> list[Outcome]:
-        with self._lock:
-            return list(self.results)
-
-    def count(self, outcome: str = "completed", after: float = 0.0) -> int:
-        return sum(1 for r in self.snapshot() if r.outcome == outcome and r.t1 >= after)
-
-    def wait(self, pred: Callable[[Load], bool], timeout: float, what: str) -> None:
-        wait_for(lambda: pred(self), timeout, 0.1, what)
-
-    def summary(self) -> dict:
-        rows = self.snapshot()
-        out = {"sent": len(rows)}
-        for k in ("completed", "failed", "failed_unclear", "hung"):
-            out[k] = sum(1 for r in rows if r.outcome == k)
-        out["failed"] += out.pop("failed_unclear")
-        out["failed_unclear"] = sum(1 for r in rows if r.outcome == "failed_unclear")
-        errors: dict[str, int] = {}
-        for r in rows:
-            if r.error:
-                errors[r.error[:160]] = errors.get(r.error[:160], 0) + 1
-        out["errors"] = dict(sorted(errors.items(), key=lambda kv: -kv[1])[:5])
-        lat = sorted(r.t1 - r.t0 for r in rows if r.outcome == "completed")
-        out["latency_max_s"] = round(lat[-1], 2) if lat else None
-        return out
-
-
-# ---- the cluster's processes -----------------------------------------------------------------------------------
-def _pid(_actor) -> int:
-    return os.getpid()
-
-
-def actor_pid(handle, timeout: float = 15.0) -> int:
-    """The OS process of a Ray actor (Ray's state API needs the dashboard, which the local cluster leaves out)."""
-    import ray
-
-    return ray.get(handle.__ray_call__.remote(_pid), timeout=timeout)
-
-
-def engine_replicas(timeout: float = 15.0) -> dict[str, int]:
-    """{Serve replica id: pid} of the engine replicas now alive."""
-    import ray
-
-    out = {}
-    for a in ray.util.list_named_actors(all_namespaces=True):
-        if a["namespace"] == "serve" and a["name"].startswith(ENGINE_ACTOR_PREFIX):
-            try:
-                out[a["name"][len(ENGINE_ACTOR_PREFIX):]] = actor_pid(ray.get_actor(a["name"], namespace="serve"),
-                                                                       timeout)
-            except Exception:  # noqa: BLE001 -- dead or still starting
-                continue
-    return out
-
-
-def running_engine_replicas() -> int:
-    from ray import serve
-
-    app = serve.status().applications.get("onspec")
-    dep = app.deployments.get("onspec-engine") if app else None
-    return int((dep.replica_states or {}).get("RUNNING", 0)) if dep else 0
-
-
-def replica_stats(url: str, replicas: int, timeout: float = 60.0) -> dict[str, dict]:
-    """{replica id: stats} for ``replicas`` distinct engine replicas, sampled through /readyz (each answer comes
-    from whichever replica the router picked)."""
-    seen: dict[str, dict] = {}
-
-    def probe():
-        r = httpx.get(url + "/readyz", timeout=10).json()
-        rep = r.get("replica")
-        if rep and rep.get("replica_id"):
-            seen[rep["replica_id"]] = rep
-        return len(seen) >= replicas
-
-    wait_for(probe, timeout, 0.05, f"/readyz answers from {replicas} replica(s)")
-    return seen
-
-
-# ---- the consumer group vs the journal -------------------------------------------------------------------------
-def group_info(r: redis.Redis, key: str, group: str) -> dict | None:
-    for g in r.xinfo_groups(key):
-        name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
-        if name == group:
-            last = g["last-delivered-id"]
-            return {"pending": int(g["pending"]), "consumers": int(g["consumers"]),
-                    "last_delivered": last.decode() if isinstance(last, bytes) else last}
-    return None
-
-
-def stream_ids(r: redis.Redis, key: str, start: str = "-", chunk: int = 5000) -> list[str]:
-    out = []
-    while True:
-        got = r.xrange(key, min=start, max="+", count=chunk)
-        ids = [i.decode() if isinstance(i, bytes) else i for i, _ in got]
-        if start != "-" and ids and ids[0] == start:
-            ids = ids[1:]
-        out.extend(ids)
-        if len(got) < chunk:
-            return out
-        start = out[-1]
-
-
-def pending_ids(r: redis.Redis, key: str, group: str) -> set[str]:
-    rows = r.xpending_range(key, group, "-", "+", 1_000_000)
-    return {(e["message_id"].decode() if isinstance(e["message_id"], bytes) else e["message_id"]) for e in rows}
 
 
 @dataclass
@@ -348,36 +114,13 @@ class Chaos:
         if self.drain if drain is None else drain:
             try:
                 ok = bool(wait_for(drained, self.drain_s, 1.0, "the trainer to drain the stream"))
-            except ChaosError:
+            except WaitTimeout:
                 pass
         g = group_info(r, key, group) or {"last_delivered": "0-0"}
         res = audit(read_journal(self.journal), stream_ids(r, key), pending_ids(r, key, group), g["last_delivered"])
         r.close()
         res.update(drained=ok, drain_s=round(time.time() - t0, 1))
         return res
-
-
-class JournalTail:
-    """The journal read incrementally (polled every few ms while waiting for the trainer to be mid-step)."""
-
-    def __init__(self, path: Path):
-        self.path, self.offset, self.entries = Path(path), 0, []
-
-    def read(self) -> list[dict]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
-            return self.entries
-        end = data.rfind(b"\n") + 1  # a line still being written waits for the next read
-        for line in data[:end].splitlines():
-            try:
-                self.entries.append(json.loads(line))
-            except ValueError:
-                continue  # cut short by a crash
-        self.offset += end
-        return self.entries
 
 
 def _finish_report(name: str, load: Load, figures: dict, stream: dict) -> dict:
@@ -403,7 +146,7 @@ def kill_replica(c: Chaos) -> dict:
 
         try:
             victim = wait_for(busy_victim, 30, 0.05, "a replica with a request in flight")
-        except ChaosError:
+        except WaitTimeout:
             victim = next(iter(before))
         t_kill = time.time()
         os.kill(before[victim], signal.SIGKILL)
@@ -456,7 +199,7 @@ def kill_trainer(c: Chaos) -> dict:
 
         try:
             wait_for(mid_step, 120, 0.01, "the trainer to be inside a step with records pending")
-        except ChaosError:
+        except WaitTimeout:
             pass  # killed anyway; killed_mid_step says so
         os.kill(pid, signal.SIGKILL)
         t_kill = time.time()
@@ -489,7 +232,7 @@ def kill_trainer(c: Chaos) -> dict:
     later_seen: list[dict] = []
     try:
         wait_for(reclaimed, c.recover_s, 0.2, "the restarted trainer to use the records the dead one left pending")
-    except ChaosError:
+    except WaitTimeout:
         pass  # pending_reclaimed < pending_at_kill says so
     t_used = time.time()
     stream = c.drain_and_audit()
@@ -508,7 +251,7 @@ def kill_redis(c: Chaos) -> dict:
 
     srv = c.cluster.redis
     if srv is None:
-        raise ChaosError("kill_redis needs the cluster's private redis-server (no --redis-url)")
+        raise WaitTimeout("kill_redis needs the cluster's private redis-server (no --redis-url)")
     key, group = c.cfg.redis.stream_key, c.cfg.trainer.consumer_group
     r = c.redis()
     with c.load("chaos-redis") as load:
@@ -639,47 +382,6 @@ RUNNERS = {"kill_replica": kill_replica, "kill_trainer": kill_trainer, "kill_red
            "corrupt_checkpoint": corrupt_checkpoint}
 
 
-# ---- the bench -----------------------------------------------------------------------------------------------
-def first_api_key(cfg: OnspecConfig) -> str | None:
-    """A key the load can send, when the configuration has any (admin keys work on the inference API too)."""
-    keys = getattr(cfg.server, "keys", None)
-    if keys is None:
-        return None
-    api, admin = keys()
-    return (api + admin or [None])[0]
-
-
-def chaos_config(cfg: OnspecConfig, work: Path, replicas: int, port: int | None = None,
-                 coverage_every: int = 8) -> OnspecConfig:
-    """The cluster the chaos bench breaks: its own data dir (the converted model linked in) and redis-server,
-    never the user's."""
-    from onspec.cluster.redis_server import free_port
-
-    src = Path(cfg.data_dir).resolve()
-    data = work / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    if (src / "models").exists() and not (data / "models").exists():
-        (data / "models").symlink_to(src / "models")
-    return cfg.merged(**{
-        "data_dir": str(data), "redis.dir": str(work / "redis"), "redis.url": None, "redis.port": 0,
-        "server.port": port or free_port(), "server.replicas": replicas, "server.ray_address": None,
-        "stream.enabled": True, "trainer.enabled": True, "registry.poll_interval_s": 0.5,
-        # Short requests and a drafter the cost model may stop using: a coverage record every few tokens keeps
-        # records flowing, so that every scenario has a stream to lose.
-        "stream.coverage_every": coverage_every,
-    })
-
-
-def start_chaos_cluster(cfg: OnspecConfig, work: Path, replicas: int = 2, port: int | None = None,
-                        coverage_every: int = 8):
-    from onspec.cluster.serve import Cluster
-
-    journal = work / "trainer-journal.jsonl"
-    cluster = Cluster(chaos_config(cfg, work, replicas, port, coverage_every),
-                      trainer_journal=str(journal)).start()
-    return cluster, journal
-
-
 def bench_chaos(cfg: OnspecConfig, specs: list[PromptSpec], scenarios: list[str] | None = None,
                 requests_per_scenario: int = 16, replicas: int = 2, clients: int = 3, max_tokens: int = 16,
                 timeout_s: float = 120.0, redis_down_s: float = 10.0, port: int | None = None,
@@ -706,7 +408,7 @@ def bench_chaos(cfg: OnspecConfig, specs: list[PromptSpec], scenarios: list[str]
             log(f"scenario {name}")
             try:
                 res = RUNNERS[name](c)
-            except ChaosError as e:  # the service did not recover in time: that is the finding
+            except WaitTimeout as e:  # the service did not recover in time: that is the finding
                 res = {"name": name, "sent": 0, "completed": 0, "failed": 0, "hung": 0, "records_lost": 0,
                        "error": str(e)}
             res["wall_s"] = round(time.time() - t, 1)

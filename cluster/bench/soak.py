@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import psutil
-from onspec.cluster.config import OnspecConfig
-from onspec.cluster.prompts import PromptSpec
+from onspec.actors.config import OnspecConfig
+from onspec.actors.prompts import PromptSpec
 
 MIB = 1024 * 1024
 
@@ -148,7 +148,8 @@ def soak_report(samples: list[dict], warmup_fraction: float = 1 / 3) -> dict:
 def bench_soak(cfg: OnspecConfig, specs: list[PromptSpec], minutes: float = 30.0, concurrency: int = 2,
                sample_s: float = 30.0, max_tokens: int = 64, replicas: int = 1, timeout_s: float = 120.0,
                port: int | None = None, log=lambda *_: None) -> dict:
-    from onspec.cluster.bench_chaos import Chaos, Load, chaos_config, first_api_key
+    from onspec.cluster.bench.chaos import Chaos
+    from onspec.cluster.bench.common import Load, chaos_config, first_api_key
     from onspec.cluster.serve import Cluster
 
     work = Path(tempfile.mkdtemp(prefix="onspec-soak-"))

@@ -9,31 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import re
 import time
 import uuid
 
 import httpx
 
-from onspec.cluster.config import OnspecConfig
-from onspec.cluster.prompts import PromptSpec
-
-
-def percentile(xs: list[float], q: float) -> float:
-    if not xs:
-        return 0.0
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]  # nearest rank
+from onspec.actors.config import OnspecConfig
+from onspec.actors.prompts import PromptSpec
+from onspec.cluster.bench.common import percentile, request_for
 
 
 async def _one(client: httpx.AsyncClient, url: str, model: str, spec: PromptSpec, max_tokens: int) -> dict:
-    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
-    if spec.messages is not None:
-        path, body["messages"] = "/v1/chat/completions", spec.messages
-    else:
-        path, body["prompt"] = "/v1/completions", spec.prompt
+    path, body = request_for(spec, model=model, max_tokens=max_tokens, temperature=0, stream=True,
+                             stream_options={"include_usage": True})
     t0 = time.perf_counter()
     ttft, usage, text = None, None, []
     async with client.stream("POST", url + path, json=body) as r:
