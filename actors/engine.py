@@ -13,6 +13,9 @@ Drafts come from one of two sources per round (``spec.source``): the drafter mod
 A suffix draft costs no forward at all; hybrid mode takes it when its expected accepted tokens per second of
 verification beat what the drafter model (or plain decoding) is expected to give. Suffix drafts are
 deterministic, so under sampling their proposal distribution q is one-hot and the rejection rule stays exact.
+
+Longer than ~500 lines: a round reads and moves every row's state (tokens, both caches' lengths, features, the
+controller), and keeping the round's steps beside the state they move is what lets them be read as one step.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """One serving replica: the engine behind a request/response interface, with rejection records going to the
 stream logger. A plain class: tests call it directly; cluster/serve.py wraps it in a Ray Serve deployment.
 
-A request is a dict (cluster/api.py validated it): ``prompt`` or ``messages``, ``max_tokens``, ``temperature``,
+A request is a dict (cluster/api/protocol.py validated it): ``prompt`` or ``messages``, ``max_tokens``, ``temperature``,
 ``top_p``, ``top_k``, ``seed``, ``stop`` (strings), ``logprobs`` (None or how many alternatives), ``label``,
 ``request_id``. ``stream`` yields events (dicts with a ``type``):
   start  {prompt_tokens, prompt_ids}           the prompt was accepted; tokens follow

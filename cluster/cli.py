@@ -149,7 +149,7 @@ def _admin(args, method: str, path: str = "", body: dict | None = None) -> dict:
 def _version_path(version: str) -> str:
     from urllib.parse import quote
 
-    from onspec.cluster.api import VERSION_PATTERN
+    from onspec.cluster.api.protocol import VERSION_PATTERN
 
     # Checked here too: a '/' in the name would reach another endpoint, not a clear 400.
     if not re.fullmatch(VERSION_PATTERN, version):

@@ -173,7 +173,7 @@ def _static(name: str) -> bytes:
 
 
 def add_dashboard_routes(app: FastAPI, history: History, snapshot) -> None:
-    """``snapshot``: async () -> {"serving", "events", "replicas", "errors"} (cluster/api.py builds it from the
+    """``snapshot``: async () -> {"serving", "events", "replicas", "errors"} (cluster/api/admin.py builds it from the
     registry and the replicas)."""
 
     @app.get("/dashboard", response_class=HTMLResponse)

@@ -1,7 +1,7 @@
 """Ray Serve wiring: two thin deployments over the plain classes.
 
   onspec-engine  N replicas, each a Replica (actors/replica.py): the engine and its stream logger
-  onspec-api     the FastAPI ingress (cluster/api.py); it reaches the engine replicas through a handle
+  onspec-api     the FastAPI ingress (cluster/api/); it reaches the engine replicas through a handle
 
 The ingress is separate so that parsing, refusals, /metrics and /readyz never wait behind a generation, and so
 that its metrics cover all traffic. ``Cluster`` starts everything (Ray, the private Redis, the app) and stops it
@@ -23,7 +23,7 @@ log = logging.getLogger("onspec.serve")
 
 
 class HandleBackend:
-    """cluster/api.py's backend over a DeploymentHandle to the engine deployment."""
+    """cluster/api/app.py's backend over a DeploymentHandle to the engine deployment."""
 
     def __init__(self, handle):
         self.handle = handle
@@ -152,7 +152,7 @@ class _RayMetrics:
         self.labels: set[str] = set()
 
     def finished(self, label: str | None, usage: dict, replica: dict) -> None:
-        from onspec.cluster.api import MAX_METRIC_LABELS
+        from onspec.cluster.api.metrics import MAX_METRIC_LABELS
 
         label = label or ""
         if label not in self.labels:  # bounded series, as on the ingress

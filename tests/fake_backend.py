@@ -1,4 +1,4 @@
-"""A real Replica (actors/replica.py) over a fake engine, as cluster/api.py's backend: the API, the replica's
+"""A real Replica (actors/replica.py) over a fake engine, as cluster/api/app.py's backend: the API, the replica's
 request checks and its error events run for real, in-process and fast; only the model is left out. For the
 security tests (tests/test_security.py) and the fuzzer (tests/test_fuzz.py)."""
 from __future__ import annotations
@@ -77,7 +77,7 @@ class FakeEngine:
 
 
 class ReplicaBackend:
-    """cluster/api.py's backend over a plain Replica (what cluster/serve.py's HandleBackend does over Ray)."""
+    """cluster/api/app.py's backend over a plain Replica (what cluster/serve.py's HandleBackend does over Ray)."""
 
     def __init__(self, cfg: OnspecConfig, trainer_state: dict | None = None):
         self.replica = Replica(cfg, engine=FakeEngine(), logger=None, replica_id="fake")

@@ -12,7 +12,8 @@ from conftest import tiny_target
 from fastapi.testclient import TestClient
 from onspec.actors.models import derive_drafter
 from onspec.actors.registry import DrafterRegistry
-from onspec.cluster.api import MAX_METRIC_VERSIONS, Metrics, create_app
+from onspec.cluster.api import create_app
+from onspec.cluster.api.metrics import MAX_METRIC_VERSIONS, Metrics
 from onspec.actors.config import OnspecConfig
 from onspec.cluster.dashboard import STATIC, History
 from onspec.cluster.redis_server import free_port

@@ -36,7 +36,7 @@ REQUESTS = [("chat", {"messages": [{"role": "user", "content": "Name three river
 
 
 class ReplicaBackend:
-    """cluster/api.py's backend over a local Replica: what cluster/serve.HandleBackend does over Ray Serve."""
+    """cluster/api/app.py's backend over a local Replica: what cluster/serve.HandleBackend does over Ray Serve."""
 
     def __init__(self, replica: Replica):
         self.replica = replica

@@ -1,6 +1,6 @@
 """Property-based fuzzing of the HTTP API from its own OpenAPI schema (schemathesis + Hypothesis).
 
-The app is cluster/api.py's, in-process, over a real Replica with a fake engine (tests/fake_backend.py), a real
+The app is cluster/api/'s, in-process, over a real Replica with a fake engine (tests/fake_backend.py), a real
 drafter registry on a real redis-server and a trainer state; the schema is ``app.openapi()``, which declares every
 route's request body, answers and refusals. For every operation, positive and negative examples (derandomized:
 the same examples every run) must get no 5xx, only declared status codes, content types and headers, and bodies

@@ -2,7 +2,7 @@
 body and prompt limits, no keys or user text in logs, localhost-only without keys, Redis with a password, the
 admin CLI with a key, and the Helm chart feeding the key Secrets to the server.
 
-In-process: the real app (cluster/api.py) over a real Replica with a fake engine (tests/fake_backend.py); a real
+In-process: the real app (cluster/api/) over a real Replica with a fake engine (tests/fake_backend.py); a real
 redis-server for the password; a real uvicorn server for the CLI."""
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import yaml
 from fastapi.testclient import TestClient
 from onspec.actors.registry import DrafterRegistry
 from onspec.actors.stream_logger import StreamLogger
-from onspec.cluster.api import Keys, create_app, presented_key, required_scope
+from onspec.cluster.api import create_app
+from onspec.cluster.api.auth import Keys, presented_key, required_scope
 from onspec.cluster.cli import CLIError, bind_message, main
 from onspec.actors.config import OnspecConfig, SecretFileError, read_key_file
 from onspec.cluster.dashboard import History

@@ -1,0 +1,245 @@
+"""The OpenAI endpoints' logic over the backend (vLLM's serving layer): a request body becomes one backend
+request per choice; answers come back whole or as a server-sent event stream. A replica that fails is retried
+once: before any token, the request is sent again; after some, it resumes on another replica from the prompt
+and the tokens already streamed, which is lossless (greedy and seeded requests give the very same tokens).
+
+The backend has the methods the app's docstring lists (cluster/api/app.py). OpenAIServing holds no route: the
+app registers ``completions`` and ``chat_completions`` as its two POST handlers."""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from onspec.actors.config import OnspecConfig
+from onspec.cluster.api.errors import APIError
+from onspec.cluster.api.metrics import Metrics, verification_steps
+from onspec.cluster.api.protocol import (NEUTRAL_ONLY, ChatCompletionRequest, CompletionRequest, OpenAIRequest,
+                                         read_json, validated)
+from onspec.cluster.api.responses import ChatRender, CompletionRender, merge_usage, sse
+from onspec.cluster.dashboard import History
+
+
+class OpenAIServing:
+    def __init__(self, cfg: OnspecConfig, backend, metrics: Metrics, history: History):
+        self.cfg, self.backend, self.metrics, self.history = cfg, backend, metrics, history
+        self.model_name = cfg.server.served_model_name or cfg.model.name
+
+    def record(self, label: str | None, usage: dict, replica: dict | None, t0: float) -> None:
+        version, lab = self.metrics.finished(label, usage, replica)
+        self.history.add(version, lab, usage, verification_steps(usage), time.perf_counter() - t0)
+
+    async def parse(self, request: Request, schema: type[OpenAIRequest]) -> OpenAIRequest:
+        req = validated(schema, await read_json(request, self.cfg.server.max_body_bytes))
+        if req.model is not None and req.model != self.model_name:
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found", type="not_found_error")
+        for name, neutral in NEUTRAL_ONLY.items():
+            value = getattr(req, name, None)
+            if value is not None and not any(value == v and isinstance(value, bool) == isinstance(v, bool)
+                                             for v in neutral):
+                raise APIError(400, f"{name} is not supported by this server (only {neutral[0]!r}, which means "
+                                    "off, is accepted)", param=name, code="unsupported_value")
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > 4:
+            raise APIError(400, f"stop takes at most 4 sequences, got {len(stops)}", param="stop",
+                           code="invalid_value")
+        req.stop = [x for x in stops if x]
+        if isinstance(req, ChatCompletionRequest) and req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        return req
+
+    def sampling(self, req: OpenAIRequest, max_tokens: int | None, default_max: int) -> dict:
+        param = "max_completion_tokens" if isinstance(req, ChatCompletionRequest) and \
+            req.max_completion_tokens is not None else "max_tokens"
+        n = default_max if max_tokens is None else max_tokens
+        if n < 1:
+            raise APIError(400, f"{param} must be at least 1, got {n}", param=param, code="invalid_value")
+        if n > self.cfg.server.max_tokens_limit:
+            raise APIError(400, f"{param} must be at most {self.cfg.server.max_tokens_limit}, got {n}", param=param,
+                           code="invalid_value")
+        if isinstance(req, ChatCompletionRequest):
+            logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        else:
+            logprobs = req.logprobs
+        return {"max_tokens": n, "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
+                "seed": req.seed, "label": req.label, "request_id": uuid.uuid4().hex, "stop": req.stop,
+                "logprobs": logprobs}
+
+    def unavailable(self, e: Exception) -> APIError:
+        if type(e).__name__ == "BackPressureError":  # Ray Serve's queue for the replicas is full
+            return APIError(429, "every replica is busy and the queue is full; retry shortly", type="rate_limit_error",
+                            code="overloaded")
+        return APIError(503, f"no replica could serve the request: {type(e).__name__}", type="server_error",
+                        code="unavailable")
+
+    def choices(self, req: OpenAIRequest, payload: dict) -> list[dict]:
+        """One backend request per choice: its own request id and, when seeded, its own seed."""
+        return [{**payload, "request_id": uuid.uuid4().hex if i else payload["request_id"],
+                 "seed": None if req.seed is None else (req.seed + i) % 2**64} for i in range(req.n)]
+
+    async def complete_once(self, payload: dict) -> dict:
+        """A replica that dies takes nothing the client saw: retry once on another one."""
+        for attempt in (0, 1):
+            try:
+                return await self.backend.complete(payload)
+            except Exception as e:  # noqa: BLE001 -- the replica is gone or overloaded
+                if attempt or type(e).__name__ == "BackPressureError":
+                    raise self.unavailable(e) from None
+                payload = {**payload, "request_id": uuid.uuid4().hex}
+                self.metrics.retried.inc()
+
+    async def events_once(self, payload: dict):
+        """The backend's event stream, surviving one replica failure: before any token the request is sent again;
+        after some, it goes on from them on another replica (the prompt and the tokens streamed so far become the
+        new prompt: the continuation is what the target would have sampled next, and greedy or seeded requests
+        give the very same tokens)."""
+        prompt_ids, out, sent = None, [], ""
+        for attempt in (0, 1):
+            events = self.backend.stream(payload)
+            try:
+                async for ev in events:
+                    if ev["type"] == "start":
+                        if prompt_ids is not None:
+                            continue  # the resumed request's own start: the client saw one already
+                        prompt_ids = ev.get("prompt_ids")
+                    elif ev["type"] == "delta":
+                        out += ev["token_ids"]
+                        sent += ev["text"]
+                    yield ev
+                return
+            except Exception as e:  # noqa: BLE001
+                if attempt or type(e).__name__ == "BackPressureError" or (out and prompt_ids is None):
+                    raise
+                payload = {**payload, "request_id": uuid.uuid4().hex}
+                if out:
+                    payload["resume"] = {"prompt_ids": prompt_ids, "output_ids": out, "sent": sent}
+                self.metrics.retried.inc()
+            finally:
+                await events.aclose()
+
+    def refusal(self, status: int, error: dict) -> JSONResponse:
+        return JSONResponse({"error": error}, status_code=status,
+                            headers={"Retry-After": "1"} if status == 429 else None)
+
+    async def call(self, endpoint: str, req: OpenAIRequest, payload: dict, render) -> Any:
+        t0 = time.perf_counter()
+        if req.stream:
+            return await self.stream(endpoint, req, self.choices(req, payload), render, t0)
+        results = await asyncio.gather(*(self.complete_once(p) for p in self.choices(req, payload)))
+        for res in results:
+            if res["type"] == "error":
+                self.metrics.requests.labels(endpoint, str(res["status"])).inc()
+                return self.refusal(res["status"], res["error"])
+        for res in results:
+            self.record(req.label, res["usage"], res.get("replica"), t0)
+        self.metrics.requests.labels(endpoint, "200").inc()
+        self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+        return render.full(results, merge_usage([r["usage"] for r in results]))
+
+    async def stream(self, endpoint: str, req: OpenAIRequest, payloads: list[dict], render, t0: float):
+        gens = [self.events_once(p) for p in payloads]
+
+        async def first_of(gen):
+            return await gen.__anext__()
+
+        try:
+            firsts = await asyncio.gather(*(first_of(g) for g in gens))
+        except Exception as e:  # noqa: BLE001 -- any failure to start a stream is a 503 (or 429)
+            for g in gens:
+                await g.aclose()
+            raise self.unavailable(e) from None
+        for first in firsts:
+            if first["type"] == "error":
+                for g in gens:
+                    await g.aclose()
+                self.metrics.requests.labels(endpoint, str(first["status"])).inc()
+                return self.refusal(first["status"], first["error"])
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, gen, first: dict) -> None:
+            try:
+                await merged.put((i, first))
+                async for ev in gen:
+                    await merged.put((i, ev))
+            except Exception as e:  # noqa: BLE001 -- the replica died mid-stream: say so in the stream
+                await merged.put((i, {"type": "error", "error": {"message": f"generation failed: "
+                                      f"{type(e).__name__}", "type": "server_error", "param": None, "code": None}}))
+            finally:
+                await merged.put((i, None))
+
+        async def body():
+            tasks = [asyncio.create_task(pump(i, g, f)) for i, (g, f) in enumerate(zip(gens, firsts))]
+            ended, usages, failed = set(), [], False
+            first_token = True
+            try:
+                for i in range(len(gens)):
+                    for chunk in render.opening(i):
+                        yield sse(chunk)
+                open_ = len(gens)
+                while open_:
+                    i, ev = await merged.get()
+                    if ev is None:
+                        open_ -= 1
+                    elif ev["type"] == "delta":
+                        if first_token:
+                            self.metrics.ttft.observe(time.perf_counter() - t0)
+                            first_token = False
+                        if ev["text"] or ev.get("logprobs"):
+                            yield sse(render.delta(ev["text"], i, ev.get("logprobs")))
+                    elif ev["type"] == "end":
+                        ended.add(i)
+                        usages.append(ev["usage"])
+                        self.record(req.label, ev["usage"], ev.get("replica"), t0)
+                        yield sse(render.finish(ev["finish_reason"], i))
+                    elif ev["type"] == "error":
+                        failed = True
+                        yield sse({"error": ev["error"]})
+                if len(ended) < len(gens) and not failed:
+                    yield sse({"error": {"message": "generation ended early", "type": "server_error",
+                                         "param": None, "code": None}})
+                if include_usage and usages:
+                    yield sse(render.usage(merge_usage(usages)))
+                yield "data: [DONE]\n\n"
+                self.metrics.requests.labels(endpoint, "200").inc()
+                self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+            finally:
+                if len(ended) < len(gens):
+                    self.metrics.cancelled.inc()
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                # Closing the backend streams cancels the generations on the replicas (client disconnects too).
+                for g in gens:
+                    await g.aclose()
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def completions(self, request: Request):
+        req = await self.parse(request, CompletionRequest)
+        prompt = req.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise APIError(400, "prompt must be a string or a list of exactly one string", param="prompt",
+                               code="invalid_value")
+            prompt = prompt[0]
+        payload = {"prompt": prompt, **self.sampling(req, req.max_tokens, 16)}
+        return await self.call("completions", req, payload, CompletionRender(self.model_name))
+
+    async def chat_completions(self, request: Request):
+        req = await self.parse(request, ChatCompletionRequest)
+        messages = [{"role": "system" if m.role == "developer" else m.role,
+                     "content": m.content if isinstance(m.content, str) or m.content is None
+                     else "".join(p.text for p in m.content)} for m in req.messages]
+        if not any((m["content"] or "").strip() for m in messages):
+            raise APIError(400, "the messages are empty", param="messages", code="empty_prompt")
+        limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        payload = {"messages": [{**m, "content": m["content"] or ""} for m in messages],
+                   **self.sampling(req, limit, 256)}
+        return await self.call("chat_completions", req, payload, ChatRender(self.model_name))
