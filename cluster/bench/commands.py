@@ -213,8 +213,19 @@ def add_bench_parsers(sub) -> None:
     from onspec.cluster.bench.chaos import SCENARIOS
 
     b = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    bd = b.add_parser("decode", help="target-only vs speculative tokens/s on the same prompts")
-    common_flags(bd)
+
+    def bench(name: str, func, server: bool = False, json: bool = True, **kw):
+        sp = b.add_parser(name, **kw)
+        common_flags(sp)
+        if server:
+            server_flags(sp)
+        if json:
+            sp.add_argument("--json", action="store_true")
+        sp.set_defaults(func=func)
+        return sp
+
+    bd = bench("decode", cmd_bench_decode,
+               help="target-only vs speculative tokens/s on the same prompts")
     bd.add_argument("--prompts-file", type=Path)
     bd.add_argument("--max-tokens", type=int, default=128)
     bd.add_argument("--repeats", type=int, default=1)
@@ -226,28 +237,22 @@ def add_bench_parsers(sub) -> None:
     bd.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
                     help="also run transformers' generate with prompt-lookup decoding (N tokens) and without, "
                          "on the same prompts")
-    bd.add_argument("--json", action="store_true")
-    bd.set_defaults(func=cmd_bench_decode)
 
-    bq = b.add_parser("quality", help="each target precision against fp32: perplexity on held-out text, argmax and "
-                                      "greedy agreement, forward cost")
-    common_flags(bq)
+    bq = bench("quality", cmd_bench_quality,
+               help="each target precision against fp32: perplexity on held-out text, argmax and greedy agreement, "
+                    "forward cost")
     bq.add_argument("--precision", action="append", choices=["float32", "bfloat16", "float16"],
                     help="repeat for several (default float32 and bfloat16); fp32 is always the reference")
     bq.add_argument("--tokens", type=int, default=8192, help="held-out tokens scored")
     bq.add_argument("--window", type=int, default=256)
     bq.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per packaged prompt")
     bq.add_argument("--prompts-file", type=Path)
-    bq.add_argument("--json", action="store_true")
-    bq.set_defaults(func=cmd_bench_quality)
-    bf = b.add_parser("forward", help="target forward time over 1..9 tokens, nn.Linear vs SkinnyLinear")
-    common_flags(bf)
+    bf = bench("forward", cmd_bench_forward, json=False,
+               help="target forward time over 1..9 tokens, nn.Linear vs SkinnyLinear")
     bf.add_argument("--reps", type=int, default=5)
-    bf.set_defaults(func=cmd_bench_forward)
 
-    bs = b.add_parser("serve", help="load test the HTTP server; logging overhead with the stream on and off")
-    common_flags(bs)
-    server_flags(bs)
+    bs = bench("serve", cmd_bench_serve, server=True,
+               help="load test the HTTP server; logging overhead with the stream on and off")
     bs.add_argument("--url", help="a running server (default: start one here)")
     bs.add_argument("--concurrency", default="2", help="concurrent requests; a list (1,2,4,8) measures each "
                                                         "level, speculative vs target-only")
@@ -256,13 +261,10 @@ def add_bench_parsers(sub) -> None:
     bs.add_argument("--max-tokens", type=int, default=32)
     bs.add_argument("--pairs", type=int, default=2, help="stream on/off phase pairs (self-started server)")
     bs.add_argument("--prompts-file", type=Path)
-    bs.add_argument("--json", action="store_true")
-    bs.set_defaults(func=cmd_bench_serve)
 
-    bo = b.add_parser("online", help="the online loop end to end: live traffic per phase, training, hot swaps; "
-                                     "acceptance and speedup at each phase's start and end")
-    common_flags(bo)
-    server_flags(bo)
+    bo = bench("online", cmd_bench_online, server=True,
+               help="the online loop end to end: live traffic per phase, training, hot swaps; acceptance and speedup "
+                    "at each phase's start and end")
     bo.add_argument("--phase", type=Path, action="append", required=True,
                     help="a JSONL prompt file (as for generate); repeat for a sequence of domains")
     bo.add_argument("--minutes-per-phase", type=float, default=10.0)
@@ -274,23 +276,19 @@ def add_bench_parsers(sub) -> None:
     bo.add_argument("--accept-k", type=int, default=4, help="fixed draft length of the acceptance measurement")
     bo.add_argument("--p99-requests", type=int, default=8, help="requests per run of the serving-latency check "
                                                                 "with the trainer paused vs running (0: skip)")
-    bo.add_argument("--json", action="store_true")
-    bo.set_defaults(func=cmd_bench_online)
 
-    bsrc = b.add_parser("sources", help="what each trainer data source adds: rejected positions only, whole "
-                                        "windows, windows + on-policy, same traffic and steps")
-    common_flags(bsrc)
+    bsrc = bench("sources", cmd_bench_sources,
+               help="what each trainer data source adds: rejected positions only, whole windows, windows + "
+                    "on-policy, same traffic and steps")
     bsrc.add_argument("--phase", type=Path, required=True, help="a JSONL prompt file")
     bsrc.add_argument("--steps", type=int, default=60)
     bsrc.add_argument("--eval-prompts", type=int, default=4)
     bsrc.add_argument("--traffic-prompts", type=int, default=16)
     bsrc.add_argument("--max-tokens", type=int, default=64)
-    bsrc.add_argument("--json", action="store_true")
-    bsrc.set_defaults(func=cmd_bench_sources)
 
-    bc = b.add_parser("chaos", help="faults on the real processes under load: kill a replica, the trainer (mid-"
-                                    "step), redis-server; a tampered checkpoint (docs/reliability.md)")
-    common_flags(bc)
+    bc = bench("chaos", cmd_bench_chaos,
+               help="faults on the real processes under load: kill a replica, the trainer (mid-step), redis-server; "
+                    "a tampered checkpoint (docs/reliability.md)")
     bc.add_argument("--scenario", action="append", choices=SCENARIOS, help="repeat to pick several (default all)")
     bc.add_argument("--requests-per-scenario", type=int, default=16)
     bc.add_argument("--replicas", type=int, default=2, help="engine replicas of the cluster it starts")
@@ -300,12 +298,10 @@ def add_bench_parsers(sub) -> None:
     bc.add_argument("--redis-down-s", type=float, default=10.0, help="how long redis-server stays down")
     bc.add_argument("--port", type=int, help="HTTP port (default: a free one)")
     bc.add_argument("--prompts-file", type=Path)
-    bc.add_argument("--json", action="store_true")
-    bc.set_defaults(func=cmd_bench_chaos)
 
-    bk = b.add_parser("soak", help="steady load for a long time with the trainer on: memory of every process, "
-                                   "error rate, acceptance over time")
-    common_flags(bk)
+    bk = bench("soak", cmd_bench_soak,
+               help="steady load for a long time with the trainer on: memory of every process, error rate, "
+                    "acceptance over time")
     bk.add_argument("--minutes", type=float, default=30.0)
     bk.add_argument("--concurrency", type=int, default=2, help="closed-loop HTTP clients")
     bk.add_argument("--sample-s", type=float, default=30.0, help="seconds between samples")
@@ -313,5 +309,3 @@ def add_bench_parsers(sub) -> None:
     bk.add_argument("--replicas", type=int, default=1)
     bk.add_argument("--port", type=int, help="HTTP port (default: a free one)")
     bk.add_argument("--prompts-file", type=Path)
-    bk.add_argument("--json", action="store_true")
-    bk.set_defaults(func=cmd_bench_soak)
