@@ -7,14 +7,14 @@ the rows to the TARGET's logits before verifying, so a draft the grammar forbids
 rejected like any mismatch, and the correction/bonus token is drawn from the masked distribution. This keeps
 verification lossless with respect to the grammar-constrained target. Only ``commit`` advances the state.
 
-Engine: xgrammar. Measured on this CPU with the SmolLM2 tokenizer (vocab 49152; scripts/bench_grammar.py,
-table in docs/structured_outputs.md): xgrammar compiles json_object in ~5 ms and our test schema in ~20 ms,
-fills a mask in ~5 us per position (worst ~90 us), and rolls back any number of tokens. llguidance compiles
-lazily (~1 ms) but fills masks ~6x slower (~28 us, worst 1.5 ms: the cost would sit inside every round);
-outlines-core builds a DFA over the vocabulary (0.6 s for the schema, 6 s for json_object, which it can
-only approximate as bounded-depth regex). Mask time is paid k+1 times per round, compile time once per
-schema (and cached), so the per-position cost decided it; vLLM and SGLang use xgrammar's rollback the
-same way.
+Engine: xgrammar. Measured on this (shared, 2-core) CPU with the SmolLM2 tokenizer (vocab 49152;
+scripts/bench_grammar.py, table in docs/structured_outputs.md): xgrammar compiles json_object in 4-6 ms and
+an 8-property schema in 20-54 ms, fills a mask in ~5 us per position (worst ~100 us), and rolls back any
+number of tokens. llguidance compiles lazily (~1 ms) but fills masks 6x slower (28-91 us, worst 1.5-7 ms),
+a cost that would sit inside every round; outlines-core builds a DFA over the vocabulary up front (0.6-0.9 s
+for the schema, 6-10 s for json_object, which it can only approximate as a bounded-depth regex). The mask
+is paid k+1 times per round and compile once per schema (cached), so the per-position cost decided it;
+vLLM and SGLang drive xgrammar's rollback the same way.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import xgrammar as xgr
 
-# Compiled grammars are a few hundred KB to a few MB; a bounded cache keeps a stream of distinct
+# A compiled grammar holds 60 KB (json_object) to ~1 MB (an 8-property schema); a bounded cache keeps a stream of distinct
 # one-off schemas (every tool set is its own) from growing the replica without limit.
 CACHE_SIZE = 256
 
@@ -103,7 +103,8 @@ class GrammarCompiler:
                 raise ValueError(f"{what}: schema is not valid JSON: {e}") from None
         if not isinstance(schema, (dict, bool)):
             raise ValueError(f"{what}: schema must be a JSON object")
-        text = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+        # Not sort_keys: properties are generated in the schema's order, so order is part of the grammar.
+        text = json.dumps(schema, separators=(",", ":"))
         key = f"{int(strict)}:{text}"
         hit = self._cache.get(key)
         if hit is not None:
@@ -202,6 +203,15 @@ class Constraint:
         row = self.allowed()
         row[self._stops] = False
         return not bool(row.any())
+
+    def fork(self) -> "Constraint":
+        """An independent copy of the current state: for a drafter to mask its own proposals token by token
+        (commit on the copy) without touching this one."""
+        other = Constraint.__new__(Constraint)
+        other.__dict__.update(self.__dict__)
+        other._m = self._m.fork()
+        other._buf = xgr.allocate_token_bitmask(self._buf.shape[0], self.vocab_size)
+        return other
 
     def reset(self) -> None:
         self._m.reset()

@@ -176,6 +176,38 @@ def bench_outlines(tok, vocab, docs, reps):
     return res
 
 
+def round_costs(tok, vocab, docs, ks=(4, 5, 6, 7, 8), rounds=200):
+    """What a speculative round pays in actors/grammar.py at draft length k: the k+1 masks (packed, or
+    unpacked to bool), -inf on the [k+1, V] target logits, and committing the emitted tokens."""
+    from onspec.actors.grammar import GrammarCompiler, mask_logits_
+
+    compiled = GrammarCompiler(tok, vocab_size=vocab).compile_schema(SCHEMA, strict=True)
+    doc = docs["schema"]
+    out = {}
+    for k in ks:
+        t_pack = t_bool = t_apply = t_commit = 0.0
+        logits = torch.zeros(k + 1, vocab)
+        for r in range(rounds):
+            c = compiled.constraint() if r % 8 == 0 else c
+            pos = (r % 8) * 2  # commit 2 tokens a round: a typical accepted prefix + bonus
+            drafts = doc[pos:pos + k]
+            t = time.perf_counter()
+            c.bitmasks_for(drafts)
+            t_pack += time.perf_counter() - t
+            t = time.perf_counter()
+            masks = c.masks_for(drafts)
+            t_bool += time.perf_counter() - t
+            t = time.perf_counter()
+            mask_logits_(logits, masks[:, :vocab])
+            t_apply += time.perf_counter() - t
+            t = time.perf_counter()
+            c.commit(doc[pos:pos + 2])
+            t_commit += time.perf_counter() - t
+        out[k] = {n: round(v / rounds * 1e6, 1) for n, v in
+                  (("packed us", t_pack), ("bool us", t_bool), ("mask_logits_ us", t_apply), ("commit us", t_commit))}
+    return out
+
+
 ENGINES = {"xgrammar": bench_xgrammar, "llguidance": bench_llguidance, "outlines-core": bench_outlines}
 
 
@@ -183,6 +215,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rounds", action="store_true", help="also the per-round cost of actors/grammar.py")
     args = ap.parse_args()
     torch.set_num_threads(1)
     tok = load_tokenizer()
@@ -196,6 +229,9 @@ def main():
         except Exception as e:  # report and go on: one broken engine should not hide the others
             res = {"error": f"{type(e).__name__}: {e}"[:300]}
         print(name, json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in res.items()}))
+    if args.rounds:
+        for k, res in round_costs(tok, vocab, docs).items():
+            print(f"round k={k}", json.dumps(res))
 
 
 if __name__ == "__main__":

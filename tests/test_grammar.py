@@ -107,6 +107,16 @@ def test_masks_for_all_legal_and_stop(tok, compiler):
     assert c.is_finished()
 
 
+def test_fork_for_drafting(tok, compiler):
+    c = compiler.constraint({"type": "json_object"})
+    c.commit(ids(tok, '{"a"'))
+    before = c.allowed()
+    f = c.fork()
+    f.commit(ids(tok, ': 1}'))
+    assert f.is_finished() and not c.is_finished()
+    assert torch.equal(c.allowed(), before)
+
+
 def test_commit_rejects_forbidden_token(tok, compiler):
     c = compiler.constraint({"type": "json_object"})
     with pytest.raises(ValueError, match="not allowed"):
@@ -130,6 +140,14 @@ def test_compile_formats_and_errors(tok, compiler):
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
     g = compiler.compile(fmt)
     assert compiler.compile(json.loads(json.dumps(fmt))) is g  # cached by the schema's JSON
+    c = g.constraint()
+    c.commit(ids(tok, '{"name": "Ada", "age": 36, "role": "admin"}'))  # properties in the schema's order
+    assert c.is_finished()
+    swapped = dict(PERSON, properties=dict(reversed(list(PERSON["properties"].items()))))
+    c = compiler.compile({"type": "json_schema", "json_schema": {"name": "p", "schema": swapped,
+                                                                "strict": True}}).constraint()
+    c.commit(ids(tok, '{"role": "admin", "age": 36, "name": "Ada"}'))
+    assert c.is_finished()
     for bad, what in [({"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "nonsense"}}},
                        "nonsense"),
                       ({"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object",
@@ -179,3 +197,4 @@ def test_greedy_real_model_follows_schema(folder, tok, compiler):
     value = json.loads(text)
     jsonschema = pytest.importorskip("jsonschema")
     jsonschema.validate(value, PERSON)
+    assert list(value) == ["name", "age", "role"]
