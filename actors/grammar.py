@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import xgrammar as xgr
 
-# A compiled grammar holds 60 KB (json_object) to ~1 MB (an 8-property schema); a bounded cache keeps a stream of distinct
-# one-off schemas (every tool set is its own) from growing the replica without limit.
+# A compiled grammar holds 60 KB (json_object) to ~1 MB (an 8-property schema); a bounded cache keeps a
+# stream of distinct one-off schemas (every tool set is its own) from growing the replica without limit.
 CACHE_SIZE = 256
 
 
