@@ -126,7 +126,7 @@ def bench_llguidance(tok, vocab, docs, reps):
 
 def byte_level_alphabet() -> dict[int, str]:
     # GPT-2's byte-to-printable-char table (no longer exported by transformers 5).
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
