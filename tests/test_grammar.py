@@ -25,7 +25,7 @@ PERSON = {
 @pytest.fixture(scope="module")
 def folder():
     from onspec.actors.models import converted_model_dir
-    from onspec.cluster.config import OnspecConfig
+    from onspec.actors.config import OnspecConfig
 
     cfg = OnspecConfig(data_dir=DATA_DIR)
     return cfg, converted_model_dir(cfg.model, cfg.data_dir)
