@@ -166,6 +166,27 @@ class Replica:
     def complete(self, req: dict) -> dict:
         return collect(self.stream(req))
 
+    def tokenize(self, req: dict) -> dict:
+        """vLLM's /tokenize: the token ids a prompt (or a conversation, chat template and generation prompt
+        applied) becomes, as generation would see them."""
+        param = "messages" if req.get("messages") is not None else "prompt"
+        try:
+            ids = self.engine.encode(req.get("prompt"), req.get("messages"))
+        except Exception as e:  # a chat template that rejects the conversation
+            return error_event(f"cannot apply the chat template: {e}", param=param)
+        out = {"type": "result", "count": len(ids), "max_model_len": self.engine.max_context, "tokens": ids}
+        if req.get("return_token_strs"):
+            out["token_strs"] = self.engine.tokenizer.convert_ids_to_tokens(ids)
+        return out
+
+    def detokenize(self, req: dict) -> dict:
+        ids = req["tokens"]
+        vocab = len(self.engine.tokenizer)
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            return error_event(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens")
+        return {"type": "result", "prompt": self.engine.tokenizer.decode(ids)}
+
     # ---- the decoding thread -----------------------------------------------------------------------------------
     def _run(self, cfg: OnspecConfig | None) -> None:
         if cfg is not None:

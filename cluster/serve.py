@@ -50,6 +50,12 @@ class HandleBackend:
     async def ready(self) -> dict:
         return await self.handle.ready.remote()
 
+    async def tokenize(self, req: dict) -> dict:
+        return await self.handle.tokenize.remote(req)
+
+    async def detokenize(self, req: dict) -> dict:
+        return await self.handle.detokenize.remote(req)
+
     async def stats(self) -> dict:
         return await self.handle.stats.remote()
 
@@ -115,6 +121,12 @@ class EngineDeployment:
 
     async def ready(self) -> dict:
         return await self.replica.aready()
+
+    async def tokenize(self, req: dict) -> dict:
+        return self.replica.tokenize(req)
+
+    async def detokenize(self, req: dict) -> dict:
+        return self.replica.detokenize(req)
 
     async def stats(self) -> dict:
         return self.replica.stats()

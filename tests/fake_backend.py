@@ -15,6 +15,12 @@ class WordTokenizer:
     def decode(self, ids, skip_special_tokens=True):
         return "".join(f" w{i}" for i in ids)
 
+    def convert_ids_to_tokens(self, ids):
+        return [f"w{i}" for i in ids]
+
+    def __len__(self):
+        return 1000
+
 
 class FakeEngine:
     """One token id per word of the prompt (chat: of every message), then up to 3 generated tokens."""
@@ -91,6 +97,12 @@ class ReplicaBackend:
 
     async def ready(self):
         return await self.replica.aready()
+
+    async def tokenize(self, req):
+        return self.replica.tokenize(req)
+
+    async def detokenize(self, req):
+        return self.replica.detokenize(req)
 
     async def stats(self):
         return self.replica.stats()

@@ -54,3 +54,26 @@ def test_the_routes_vllm_clients_probe(client):
     assert client.get("/version").json() == {"version": version("onspec")}
     card = client.get("/v1/models").json()["data"][0]
     assert card["max_model_len"] == OnspecConfig().model.max_context
+
+
+def test_tokenize_and_detokenize(client):
+    r = client.post("/tokenize", json={"prompt": "ab cde f", "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"count": 3, "max_model_len": 64, "tokens": [2, 3, 1], "token_strs": ["w2", "w3", "w1"]}
+    chat = client.post("/tokenize", json={"messages": [{"role": "user", "content": "ab c"}]}).json()
+    assert chat["tokens"] == [2, 1] and "token_strs" not in chat
+    assert client.post("/detokenize", json={"tokens": [2, 3]}).json() == {"prompt": " w2 w3"}
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/tokenize", {}, "prompt"),
+    ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, "prompt"),
+    ("/tokenize", {"prompt": "a", "add_special_tokens": True}, "add_special_tokens"),
+    ("/tokenize", {"prompt": "a", "model": "gpt-4"}, "model"),
+    ("/detokenize", {"tokens": [1, 5000]}, "tokens"),
+    ("/detokenize", {"tokens": ["a"]}, "tokens.0"),
+])
+def test_tokenize_refusals_name_the_field(client, path, body, param):
+    r = client.post(path, json=body)
+    assert r.status_code in (400, 404), r.text
+    assert r.json()["error"]["param"] == param

@@ -92,6 +92,13 @@ def test_models_health_ready(cluster, client):
     assert ready["status"] == "ok" and ready["model_loaded"] and ready["redis"] == "ok"
 
 
+def test_tokenize_detokenize_round_trip_with_the_real_tokenizer(cluster, real_engine):
+    tok = httpx.post(cluster.url + "/tokenize", json={"messages": CHAT}, timeout=30).json()
+    assert tok["tokens"] == real_engine.encode(messages=CHAT) and tok["count"] == len(tok["tokens"])
+    ids = httpx.post(cluster.url + "/tokenize", json={"prompt": PROMPT}, timeout=30).json()["tokens"]
+    assert httpx.post(cluster.url + "/detokenize", json={"tokens": ids}, timeout=30).json() == {"prompt": PROMPT}
+
+
 def test_completion_matches_generate(client, expected):
     res = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0,
                                     extra_body={"label": "geo"})

@@ -5,6 +5,7 @@ talks to a *backend* with these methods:
     stream(request: dict) -> AsyncIterator[dict]  replica events; closing it early must stop generation
     async ready() -> dict                         Replica.ready()
     async stats() -> dict                         Replica.stats()
+    async tokenize(req) / detokenize(req) -> dict Replica.tokenize / detokenize: a result or an error event
 
 and optionally ``async trainer() -> dict | None`` (the online trainer's state).
 cluster/serve.py passes a backend over Ray Serve deployment handles; tests may pass a local one.
@@ -83,6 +84,8 @@ def create_app(cfg: OnspecConfig, backend, registry=None, history: History | Non
     add_error_handlers(app, counted)
     app.post("/v1/completions")(serving.completions)
     app.post("/v1/chat/completions")(serving.chat_completions)
+    app.post("/tokenize")(serving.tokenize)
+    app.post("/detokenize")(serving.detokenize)
     add_health_routes(app, cfg, backend, serving.model_name)
 
     @app.get("/metrics")

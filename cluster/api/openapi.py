@@ -12,7 +12,8 @@ from pydantic import BaseModel
 
 from onspec.cluster.api.auth import required_scope
 from onspec.cluster.api.protocol import (ENDPOINTS, NEUTRAL_ONLY, VERSION_PATTERN, ChatCompletionRequest,
-                                         CompletionRequest, PromoteBody, RollbackBody)
+                                         CompletionRequest, DetokenizeRequest, PromoteBody, RollbackBody,
+                                         TokenizeRequest)
 from onspec.cluster.api.responses import (ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk,
                                           ErrorResponse, ModelList, Unready)
 
@@ -34,6 +35,8 @@ OPENAPI_ROUTES: dict[tuple[str, str], dict] = {
                                        "ok": {_JSON: ChatCompletion, _SSE: _Events(ChatCompletionChunk)},
                                        "errors": (400, 404, 413, 503)},
     ("/v1/models", "get"): {"ok": {_JSON: ModelList}},
+    ("/tokenize", "post"): {"body": TokenizeRequest, "ok": {_JSON: _OBJECT}, "errors": (400, 404, 413, 503)},
+    ("/detokenize", "post"): {"body": DetokenizeRequest, "ok": {_JSON: _OBJECT}, "errors": (400, 404, 413, 503)},
     ("/healthz", "get"): {"ok": {_JSON: _OBJECT}},
     ("/health", "get"): {"ok": {_JSON: _OBJECT}, "errors": {503: Unready}},
     ("/version", "get"): {"ok": {_JSON: _OBJECT}},

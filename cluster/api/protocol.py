@@ -104,6 +104,21 @@ class ChatCompletionRequest(OpenAIRequest):
     modalities: Any = Field(None, description="only [\"text\"] (400 otherwise)")
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or messages (chat template and generation prompt applied, as generation does)."""
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    return_token_strs: StrictBool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[Int] = Field(max_length=1_000_000)
+
+
 class _AdminBody(BaseModel):
     # Strict: a misspelt "version" in a rollback must not silently roll back to the predecessor instead.
     model_config = ConfigDict(extra="forbid")

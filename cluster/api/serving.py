@@ -18,10 +18,21 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from onspec.actors.config import OnspecConfig
 from onspec.cluster.api.errors import APIError
 from onspec.cluster.api.metrics import Metrics, verification_steps
-from onspec.cluster.api.protocol import (NEUTRAL_ONLY, ChatCompletionRequest, CompletionRequest, OpenAIRequest,
-                                         read_json, validated)
+from onspec.cluster.api.protocol import (NEUTRAL_ONLY, ChatCompletionRequest, ChatMessage, CompletionRequest,
+                                         DetokenizeRequest, OpenAIRequest, TokenizeRequest, read_json, validated)
 from onspec.cluster.api.responses import ChatRender, CompletionRender, merge_usage, sse
 from onspec.cluster.dashboard import History
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict]:
+    """Messages as the chat template takes them: text parts joined, "developer" as "system" (the template has
+    no such role)."""
+    out = [{"role": "system" if m.role == "developer" else m.role,
+            "content": m.content if isinstance(m.content, str) or m.content is None
+            else "".join(p.text for p in m.content)} for m in messages]
+    if not any((m["content"] or "").strip() for m in out):
+        raise APIError(400, "the messages are empty", param="messages", code="empty_prompt")
+    return [{**m, "content": m["content"] or ""} for m in out]
 
 
 class OpenAIServing:
@@ -33,11 +44,14 @@ class OpenAIServing:
         version, lab = self.metrics.finished(label, usage, replica)
         self.history.add(version, lab, usage, verification_steps(usage), time.perf_counter() - t0)
 
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found", type="not_found_error")
+
     async def parse(self, request: Request, schema: type[OpenAIRequest]) -> OpenAIRequest:
         req = validated(schema, await read_json(request, self.cfg.server.max_body_bytes))
-        if req.model is not None and req.model != self.model_name:
-            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found", type="not_found_error")
+        self.check_model(req.model)
         for name, neutral in NEUTRAL_ONLY.items():
             value = getattr(req, name, None)
             if value is not None and not any(value == v and isinstance(value, bool) == isinstance(v, bool)
@@ -234,12 +248,28 @@ class OpenAIServing:
 
     async def chat_completions(self, request: Request):
         req = await self.parse(request, ChatCompletionRequest)
-        messages = [{"role": "system" if m.role == "developer" else m.role,
-                     "content": m.content if isinstance(m.content, str) or m.content is None
-                     else "".join(p.text for p in m.content)} for m in req.messages]
-        if not any((m["content"] or "").strip() for m in messages):
-            raise APIError(400, "the messages are empty", param="messages", code="empty_prompt")
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        payload = {"messages": [{**m, "content": m["content"] or ""} for m in messages],
-                   **self.sampling(req, limit, 256)}
+        payload = {"messages": chat_messages(req.messages), **self.sampling(req, limit, 256)}
         return await self.call("chat_completions", req, payload, ChatRender(self.model_name))
+
+    async def tokenize(self, request: Request):
+        """vLLM's POST /tokenize: {count, max_model_len, tokens[, token_strs]}."""
+        req = validated(TokenizeRequest, await read_json(request, self.cfg.server.max_body_bytes))
+        self.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give either prompt or messages", param="prompt", code="invalid_value")
+        payload = {"prompt": req.prompt, "return_token_strs": req.return_token_strs}
+        if req.messages is not None:
+            payload = {"messages": chat_messages(req.messages), "return_token_strs": req.return_token_strs}
+        return self.answer(await self.backend.tokenize(payload))
+
+    async def detokenize(self, request: Request):
+        """vLLM's POST /detokenize: {prompt}, the text of the token ids."""
+        req = validated(DetokenizeRequest, await read_json(request, self.cfg.server.max_body_bytes))
+        self.check_model(req.model)
+        return self.answer(await self.backend.detokenize({"tokens": req.tokens}))
+
+    def answer(self, res: dict) -> dict | JSONResponse:
+        if res["type"] == "error":
+            return self.refusal(res["status"], res["error"])
+        return {k: v for k, v in res.items() if k != "type"}
