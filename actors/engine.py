@@ -601,6 +601,21 @@ class SpeculativeEngine:
             ids, vals = [[]] * len(chosen), [[]] * len(chosen)
         return [(p, list(zip(i, v))) for p, i, v in zip(picked, ids, vals)]
 
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompt_ids: list[int], top: int, chunk: int = 512) -> list:
+        """Scoring (evaluation harnesses' log-likelihood tasks): per prompt token, its log-probability under the
+        target given the tokens before it, with the ``top`` likeliest there; the first token has none.
+        One forward over the prompt in its own cache, so the batch's rows are untouched."""
+        cache = RowCache(self.target.model, 1, len(prompt_ids) + 1)
+        x = torch.tensor([prompt_ids], device=self.device)
+        logits = []
+        for s in range(0, len(prompt_ids), chunk):  # bounded activations for long prompts
+            h = body_forward(self.target.model, self.target.model.embed_tokens(x[:, s:s + chunk]), cache, 0,
+                             torch.tensor([s], device=self.device))
+            logits.append(self.target.lm_head(h[0]).float())
+        scored = self._logprobs(torch.cat(logits)[:-1], prompt_ids[1:], top) if len(prompt_ids) > 1 else []
+        return [(None, [])] + scored
+
     # ---- drafting ------------------------------------------------------------------------------------------
     def _suffix_draft(self, seq: _Sequence, cap: int) -> SuffixDraft | None:
         """The better of the two indexes' proposals for the sequence's continuation (the paper's rule)."""

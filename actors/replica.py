@@ -1,10 +1,11 @@
 """One serving replica: the engine behind a request/response interface, with rejection records going to the
 stream logger. A plain class: tests call it directly; cluster/serve.py wraps it in a Ray Serve deployment.
 
-A request is a dict (cluster/api/protocol.py validated it): ``prompt`` or ``messages``, ``max_tokens``, ``temperature``,
-``top_p``, ``top_k``, ``seed``, ``stop`` (strings), ``logprobs`` (None or how many alternatives), ``label``,
-``request_id``. ``stream`` yields events (dicts with a ``type``):
-  start  {prompt_tokens, prompt_ids}           the prompt was accepted; tokens follow
+A request is a dict (cluster/api/ validated it): ``prompt`` or ``messages``, ``max_tokens`` (0: score the prompt
+only), ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop`` (strings), ``logprobs`` (None or how many
+alternatives), ``prompt_logprobs`` (the same, for the prompt's tokens), ``label``, ``request_id``. ``stream``
+yields events (dicts with a ``type``):
+  start  {prompt_tokens, prompt_ids, prompt_logprobs?}   the prompt was accepted; tokens follow
   delta  {text, token_ids, logprobs?}          new text of one verification round
   end    {finish_reason, usage, replica}       usage: token counts and acceptance figures
   error  {status, error: {message, type, param, code}}   before any token: the request was refused
@@ -106,7 +107,9 @@ class Replica:
     # ---- requests --------------------------------------------------------------------------------------------
     def _prepare(self, req: dict) -> tuple[list[int], SamplingParams] | dict:
         param = "messages" if req.get("messages") is not None else "prompt"
-        params = SamplingParams(max_tokens=req.get("max_tokens") or 16, temperature=req.get("temperature", 1.0),
+        # max_tokens 0 scores the prompt only (echo with logprobs); generation still checks the other fields.
+        limit = 16 if req.get("max_tokens") is None else max(1, req["max_tokens"])
+        params = SamplingParams(max_tokens=limit, temperature=req.get("temperature", 1.0),
                                 top_p=req.get("top_p", 1.0), top_k=req.get("top_k") or 0, seed=req.get("seed"),
                                 logprobs=req.get("logprobs"))
         try:
@@ -251,6 +254,19 @@ class Replica:
                           "replica": self.stats()})
                 self._retire(job, jobs)
                 return
+        start = {"type": "start", "prompt_tokens": len(ids), "prompt_ids": ids}
+        if job.req.get("prompt_logprobs") is not None and not resume:
+            tok = self.engine.tokenizer
+            start["prompt_logprobs"] = [
+                (tok.decode([t]), lp, [(tok.decode([i]), v) for i, v in top])
+                for t, (lp, top) in zip(ids, self.engine.prompt_logprobs(ids, job.req["prompt_logprobs"]))]
+        if job.req.get("max_tokens") == 0:  # scoring only: nothing to generate
+            job.stats.prompt_tokens = len(ids)
+            job.emit(start)
+            job.emit({"type": "end", "finish_reason": "length", "usage": usage_of(job.stats),
+                      "replica": self.stats()})
+            self._retire(job, jobs)
+            return
         try:
             job.seq = self.engine.submit(ids, params, speculate=self.speculate, stats=job.stats,
                                          tag=(job.req.get("label") or "", job.req.get("request_id") or ""))
@@ -261,7 +277,7 @@ class Replica:
             job.stats.prompt_tokens = len(resume["prompt_ids"])
             job.stats.completion_tokens = len(job.out)
         jobs[id(job.seq)] = job
-        job.emit({"type": "start", "prompt_tokens": len(ids), "prompt_ids": ids})
+        job.emit(start)
 
     def _emit_tokens(self, job: _Job, seq, jobs: dict) -> None:
         tok = self.engine.tokenizer
@@ -389,10 +405,12 @@ class Replica:
 
 def collect(events) -> dict:
     """Stream events folded into one response: {text, token_ids, finish_reason, usage, replica} or an error."""
-    text, ids, logprobs = [], [], None
+    text, ids, logprobs, prompt_logprobs = [], [], None, None
     for ev in events:
         if ev["type"] == "error":
             return ev
+        if ev["type"] == "start":
+            prompt_logprobs = ev.get("prompt_logprobs")
         if ev["type"] == "delta":
             text.append(ev["text"])
             ids.extend(ev["token_ids"])
@@ -400,5 +418,6 @@ def collect(events) -> dict:
                 logprobs = (logprobs or []) + ev["logprobs"]
         elif ev["type"] == "end":
             return {"type": "result", "text": "".join(text), "token_ids": ids, "logprobs": logprobs,
-                    "finish_reason": ev["finish_reason"], "usage": ev["usage"], "replica": ev["replica"]}
+                    "finish_reason": ev["finish_reason"], "usage": ev["usage"], "replica": ev["replica"],
+                    **({"prompt_logprobs": prompt_logprobs} if prompt_logprobs is not None else {})}
     return error_event("generation ended without a result", status=500, type="server_error")

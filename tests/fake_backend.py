@@ -39,6 +39,10 @@ class FakeEngine:
         text = prompt if messages is None else " ".join(m["content"] for m in messages)
         return [len(w) for w in (text or "").split()]
 
+    def prompt_logprobs(self, ids, top):
+        """Token i's "log-probability" is -i (the first has none); its alternatives: the ids 0..top-1."""
+        return [(None, [])] + [(-float(i), [(a, -float(a)) for a in range(top)]) for i in ids[1:]]
+
     def check_prompt(self, ids):
         if not ids:
             raise RequestError("the prompt is empty")

@@ -1,5 +1,7 @@
 """Every request field is honoured, a declared no-op, or refused with a 400 naming it: never accepted and dropped.
 In-process app over a real Replica with a fake engine (tests/fake_backend.py)."""
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -25,7 +27,7 @@ def client(tmp_path):
     ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, "tool_choice"),
-    ("/v1/completions", {**TEXT, "echo": True}, "echo"),
+    ("/v1/completions", {**TEXT, "echo": 1}, "echo"),
     ("/v1/completions", {**TEXT, "best_of": 3}, "best_of"),
     ("/v1/completions", {**TEXT, "frequency_penalty": True}, "frequency_penalty"),
     ("/v1/chat/completions", {**CHAT, "reasoning_effort": "high"}, "reasoning_effort"),  # unknown to onspec
@@ -77,3 +79,29 @@ def test_tokenize_refusals_name_the_field(client, path, body, param):
     r = client.post(path, json=body)
     assert r.status_code in (400, 404), r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_echo_scores_the_prompt(client):
+    """Evaluation harnesses' log-likelihood requests: echo + logprobs + max_tokens 0."""
+    r = client.post("/v1/completions", json={"prompt": "ab cde f", "max_tokens": 0, "echo": True, "logprobs": 2})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["text"] == "ab cde f" and choice["finish_reason"] == "length"
+    lp = choice["logprobs"]
+    # (the fake tokenizer decodes token i as " wi"; its "log-probability" is -i)
+    assert lp["tokens"] == [" w2", " w3", " w1"] and lp["token_logprobs"] == [None, -3.0, -1.0]
+    assert lp["top_logprobs"] == [None, {" w0": 0.0, " w1": -1.0}, {" w0": 0.0, " w1": -1.0}]
+    assert lp["text_offset"] == [0, 3, 6]
+    assert r.json()["usage"]["prompt_tokens"] == 3 and r.json()["usage"]["completion_tokens"] == 0
+    # with generation: the prompt, then the completion, in text and in logprobs
+    full = client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 2, "echo": True, "logprobs": 0}).json()
+    plain = client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 2, "logprobs": 0}).json()
+    assert full["choices"][0]["text"] == "ab" + plain["choices"][0]["text"]
+    assert full["choices"][0]["logprobs"]["tokens"] == [" w2"] + plain["choices"][0]["logprobs"]["tokens"]
+    # streamed: the first chunk carries the prompt
+    with client.stream("POST", "/v1/completions", json={"prompt": "ab", "max_tokens": 2, "echo": True,
+                                                        "stream": True}) as s:
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    assert chunks[0]["choices"][0]["text"] == "ab"
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == full["choices"][0]["text"]
+    assert client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 0}).status_code == 400

@@ -94,3 +94,20 @@ def test_greedy_identity_other_drafter_kind(real_engine, prompts, references):
 def test_greedy_identity_hybrid_source(real_engine, prompts, references):
     drafted, accepted = _check(real_engine, prompts, references, "adaedl", 40, source="hybrid")
     assert drafted >= 0
+
+
+def test_prompt_scoring_equals_the_targets_own_forward(real_engine):
+    """echo + logprobs (evaluation harnesses): each prompt token's log-probability given the ones before it, as
+    transformers' forward of the same target computes it; long prompts are scored in chunks."""
+    import torch
+
+    ids = real_engine.encode("def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n")
+    with torch.inference_mode():
+        ref = torch.log_softmax(real_engine.target(torch.tensor([ids])).logits[0].float(), -1)
+    for chunk in (512, 7):
+        got = real_engine.prompt_logprobs(ids, 3, chunk=chunk)
+        assert got[0] == (None, []) and len(got) == len(ids)
+        for i in range(1, len(ids)):
+            lp, top = got[i]
+            assert abs(lp - ref[i - 1, ids[i]].item()) < 1e-3
+            assert [t for t, _ in top] == ref[i - 1].topk(3).indices.tolist()

@@ -38,7 +38,7 @@ NO_OP_FIELDS = ("user", "metadata", "store", "service_tier", "safety_identifier"
 NEUTRAL_ONLY = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},),
                 "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
                 "functions": ([],), "function_call": ("none",), "parallel_tool_calls": (True, False),
-                "modalities": (["text"],), "best_of": (1,), "echo": (False,), "suffix": ("",)}
+                "modalities": (["text"],), "best_of": (1,), "suffix": ("",)}
 
 
 class OpenAIRequest(BaseModel):
@@ -72,7 +72,9 @@ class OpenAIRequest(BaseModel):
 class CompletionRequest(OpenAIRequest):
     prompt: str | list[str]
     best_of: Any = Field(None, description="not supported: only 1 (400 otherwise)")
-    echo: Any = Field(None, description="not supported: only false (400 otherwise)")
+    echo: StrictBool = Field(False, description="the prompt before the completion in text (and in logprobs: "
+                                                "its tokens' log-probabilities, the first null); with max_tokens 0 "
+                                                "the prompt is only scored")
     suffix: Any = Field(None, description="not supported: only \"\" (400 otherwise)")
     logprobs: Int | None = Field(None, ge=0, le=5, description="log-probabilities of the chosen tokens and of the "
                                                               "likeliest this many, under the target")

@@ -34,8 +34,8 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token (nothing before it)
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
@@ -173,7 +173,7 @@ def completion_logprobs(items: list | None, offset: int = 0) -> dict | None:
         offsets.append(at)
         at += len(text)
     return {"tokens": [t for t, _, _ in items], "token_logprobs": [lp for _, lp, _ in items],
-            "top_logprobs": [dict(top) for _, _, top in items], "text_offset": offsets}
+            "top_logprobs": [None if lp is None else dict(top) for _, lp, top in items], "text_offset": offsets}
 
 
 def chat_logprobs(items: list | None) -> dict | None:
@@ -189,17 +189,25 @@ def chat_logprobs(items: list | None) -> dict | None:
 class CompletionRender:
     object = "text_completion"
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, echo: str | None = None):
         self.model, self.id, self.created = model, f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        self.echo = echo  # the prompt, which each choice's text then starts with
         self.offsets: dict[int, int] = {}  # per choice: characters streamed (logprobs' text_offset)
 
     def _base(self, **kw) -> dict:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model, **kw}
 
     def full(self, results: list[dict], usage: dict) -> dict:
-        return self._base(choices=[{"index": i, "text": r["text"], "logprobs": completion_logprobs(r.get("logprobs")),
+        return self._base(choices=[{"index": i, "text": (self.echo or "") + r["text"],
+                                    "logprobs": completion_logprobs(self._echoed(r)),
                                     "finish_reason": r["finish_reason"]} for i, r in enumerate(results)],
                           usage=usage)
+
+    def _echoed(self, r: dict) -> list | None:
+        """The logprobs items of a choice, the prompt's first when it is echoed."""
+        if r.get("logprobs") is None and r.get("prompt_logprobs") is None:
+            return None
+        return (r.get("prompt_logprobs") or []) + (r.get("logprobs") or [])
 
     def opening(self, i: int) -> list[dict]:
         return []

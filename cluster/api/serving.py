@@ -71,8 +71,10 @@ class OpenAIServing:
         param = "max_completion_tokens" if isinstance(req, ChatCompletionRequest) and \
             req.max_completion_tokens is not None else "max_tokens"
         n = default_max if max_tokens is None else max_tokens
-        if n < 1:
-            raise APIError(400, f"{param} must be at least 1, got {n}", param=param, code="invalid_value")
+        echo = isinstance(req, CompletionRequest) and req.echo
+        if n < (0 if echo else 1):  # 0 with echo: score the prompt, generate nothing (evaluation harnesses)
+            raise APIError(400, f"{param} must be at least {0 if echo else 1}, got {n}", param=param,
+                           code="invalid_value")
         if n > self.cfg.server.max_tokens_limit:
             raise APIError(400, f"{param} must be at most {self.cfg.server.max_tokens_limit}, got {n}", param=param,
                            code="invalid_value")
@@ -80,9 +82,12 @@ class OpenAIServing:
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
         else:
             logprobs = req.logprobs
-        return {"max_tokens": n, "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
-                "seed": req.seed, "label": req.label, "request_id": uuid.uuid4().hex, "stop": req.stop,
-                "logprobs": logprobs}
+        out = {"max_tokens": n, "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
+               "seed": req.seed, "label": req.label, "request_id": uuid.uuid4().hex, "stop": req.stop,
+               "logprobs": logprobs}
+        if echo and logprobs is not None:
+            out["prompt_logprobs"] = logprobs
+        return out
 
     def unavailable(self, e: Exception) -> APIError:
         if type(e).__name__ == "BackPressureError":  # Ray Serve's queue for the replicas is full
@@ -200,6 +205,8 @@ class OpenAIServing:
                     i, ev = await merged.get()
                     if ev is None:
                         open_ -= 1
+                    elif ev["type"] == "start" and render.echo is not None:
+                        yield sse(render.delta(render.echo, i, ev.get("prompt_logprobs")))
                     elif ev["type"] == "delta":
                         if first_token:
                             self.metrics.ttft.observe(time.perf_counter() - t0)
@@ -244,7 +251,8 @@ class OpenAIServing:
                                code="invalid_value")
             prompt = prompt[0]
         payload = {"prompt": prompt, **self.sampling(req, req.max_tokens, 16)}
-        return await self.call("completions", req, payload, CompletionRender(self.model_name))
+        render = CompletionRender(self.model_name, echo=prompt if req.echo else None)
+        return await self.call("completions", req, payload, render)
 
     async def chat_completions(self, request: Request):
         req = await self.parse(request, ChatCompletionRequest)
