@@ -15,9 +15,11 @@ import torch
 def output_counts(output_ids: torch.Tensor, drafts: torch.Tensor, positions: int, vocab: int) -> torch.Tensor:
     """c_j[v]: how often v occurs in the output followed by drafts[:j], for j = 0..positions-1, as [P, V].
 
-    The output's counts are built once (a bincount); each later position adds the one-hot of the draft before
-    it, a cumulative sum over P rows instead of P bincounts."""
-    base = torch.bincount(output_ids, minlength=vocab).float()
+    The output's counts are built once; each later position adds the one-hot of the draft before it, a
+    cumulative sum over P rows instead of P counts. (index_add_, not bincount: on CUDA bincount reads the
+    largest id back to size its output, a host sync per call.)"""
+    base = torch.zeros(vocab, device=output_ids.device).index_add_(
+        0, output_ids, torch.ones(output_ids.shape, device=output_ids.device))
     inc = torch.zeros(positions, vocab, device=base.device)
     if positions > 1:
         inc[torch.arange(1, positions, device=base.device), drafts[:positions - 1]] = 1.0
