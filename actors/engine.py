@@ -30,6 +30,7 @@ from onspec.actors.suffix_index import SuffixDraft, SuffixIndex
 from onspec.actors.config import OnspecConfig, SpeculationConfig, SuffixConfig
 from onspec.kernels.draft_length import (AdaEDLState, adaedl_should_stop, adaedl_update, best_batch_width,
                                          best_draft_length, expected_tokens)
+from onspec.kernels.logits_processors import process_logits
 from onspec.kernels.sampling import entropy, gumbel_argmax, is_greedy, logits_to_probs, position_gumbel
 from onspec.kernels.verify import coupled_verify, greedy_verify, rejection_verify
 from onspec.kernels.vocab_trim import to_full_logits
@@ -49,6 +50,21 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     logprobs: int | None = None  # None: none; n: the chosen token's log-probability and the n likeliest
+    # The controls below (OpenAI's and vLLM's) transform the target's logits at every position (see
+    # kernels/logits_processors.py); the drafts are verified against the result, so speculation stays lossless.
+    frequency_penalty: float = 0.0    # logit[v] -= count of v in the output * this
+    presence_penalty: float = 0.0     # logit[v] -= this, once v occurs in the output
+    repetition_penalty: float = 1.0   # v seen in prompt or output: logit / this if positive, * this if not
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    min_tokens: int = 0               # the stop ids cannot be generated before this many tokens
+    ignore_eos: bool = False          # the stop ids are ordinary tokens: generate until max_tokens
+    min_p: float = 0.0                # sampling: drop v with p(v) < min_p * max p (after temperature)
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the target's logits need processing beyond min_tokens (which lapses once met)."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
     def validate(self) -> None:
         if self.max_tokens < 1:
@@ -61,6 +77,20 @@ class SamplingParams:
             raise RequestError(f"top_k must be >= 0, got {self.top_k}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise RequestError(f"top_logprobs must be in [0, 20], got {self.logprobs}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise RequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not self.repetition_penalty > 0.0:
+            raise RequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for tok, bias in (self.logit_bias or {}).items():
+            if not isinstance(tok, int) or tok < 0:
+                raise RequestError(f"logit_bias keys must be token ids (ints >= 0), got {tok!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise RequestError(f"logit_bias values must be in [-100, 100], got {bias} for token {tok}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise RequestError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise RequestError(f"min_p must be in [0, 1], got {self.min_p}")
 
 
 @dataclass
@@ -192,6 +222,7 @@ class _Sequence:
     tokens: list[int]
     prompt_len: int
     params: SamplingParams
+    out_start: int            # where the output begins for the penalties (before prompt_len when resumed)
     generator: torch.Generator | None
     speculate: bool = True
     budget: int = 0           # most tokens it may generate
@@ -210,6 +241,8 @@ class _Sequence:
     # a feature drafter (EAGLE) reads it. Rows [0, nfeat) are filled; the verification forwards compute them.
     feats: torch.Tensor | None = None
     nfeat: int = 0
+    prompt_ids: torch.Tensor | None = None  # on the device, with the dense logit_bias: made on first processing
+    bias: torch.Tensor | None = None
     new: list[int] = field(default_factory=list)        # tokens of the last step (what the caller streams)
     logprobs: list = field(default_factory=list)        # per new token: (logprob, [(id, logprob), ...])
     finished: bool = False
@@ -418,15 +451,21 @@ class SpeculativeEngine:
 
     # ---- requests ------------------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, speculate: bool = True,
-               stats: GenerationStats | None = None, tag: object = None) -> _Sequence:
-        """Queue a request; it joins the batch at a coming step. Raises RequestError for a bad one."""
+               stats: GenerationStats | None = None, tag: object = None, resumed: int = 0) -> _Sequence:
+        """Queue a request; it joins the batch at a coming step. Raises RequestError for a bad one. ``resumed``:
+        the prompt's last tokens are output the request generated before (elsewhere): the penalties count them
+        as output, while max_tokens and min_tokens count from the end of the prompt."""
         params.validate()
         self.check_prompt(prompt_ids)
+        big = [t for t in params.logit_bias or {} if t >= self.vocab_size]
+        if big:
+            raise RequestError(f"logit_bias token ids must be < the vocabulary size {self.vocab_size}, got {big[0]}")
         gen = None
         if not is_greedy(params.temperature):
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed if params.seed is not None else int(torch.seed() % (2**63)))
         seq = _Sequence(tokens=list(prompt_ids), prompt_len=len(prompt_ids), params=params, generator=gen,
+                        out_start=len(prompt_ids) - resumed,
                         speculate=speculate, stats=stats if stats is not None else GenerationStats(), tag=tag,
                         noise_seed=params.seed if gen is not None else None, t0=time.perf_counter(),
                         budget=min(params.max_tokens, self.max_context - len(prompt_ids)))
@@ -521,8 +560,8 @@ class SpeculativeEngine:
         st = seq.stats
         before = seq.produced - len(seq.new)
         for i, tok in enumerate(seq.new):
-            if tok in self.stop_ids or before + i + 1 >= seq.budget:
-                st.finish_reason = "stop" if tok in self.stop_ids else "length"
+            if self._stops(seq, tok) or before + i + 1 >= seq.budget:
+                st.finish_reason = "stop" if self._stops(seq, tok) else "length"
                 del seq.new[i + 1:]
                 del seq.logprobs[i + 1:]
                 seq.finished = True
@@ -579,12 +618,42 @@ class SpeculativeEngine:
 
     def _next_token(self, logits: torch.Tensor, seq: _Sequence) -> torch.Tensor:
         p = seq.params
+        if self._controlled(seq):
+            logits = self._process(seq, logits[None])[0]
         if is_greedy(p.temperature):
             return logits.argmax(-1)
-        probs = logits_to_probs(logits, p.temperature, p.top_k, p.top_p)
+        probs = logits_to_probs(logits, p.temperature, p.top_k, p.top_p, p.min_p)
         if seq.noise_seed is not None:
             return gumbel_argmax(probs, self._noise(seq, len(seq.tokens), 1)[0])
         return torch.multinomial(probs, 1, generator=seq.generator)[0]
+
+    # ---- the request's sampling controls -------------------------------------------------------------------
+    def _stops(self, seq: _Sequence, tok: int) -> bool:
+        return tok in self.stop_ids and not seq.params.ignore_eos
+
+    def _controlled(self, seq: _Sequence) -> bool:
+        """Whether the request's logits need processing at all: a default request skips it, cost free."""
+        return seq.params.penalized or (seq.produced < seq.params.min_tokens and bool(self.stop_ids))
+
+    def _process(self, seq: _Sequence, logits: torch.Tensor, drafts: torch.Tensor | None = None,
+                 ahead: list[int] = ()) -> torch.Tensor:
+        """The request's controls over logits [P, V] of the positions after its last token: position j's history
+        is its output, then ``ahead`` (the drafter's own drafts, while it drafts further), then drafts[:j]."""
+        p, dev = seq.params, self.device
+        if seq.prompt_ids is None:
+            seq.prompt_ids = torch.tensor(seq.tokens[:seq.out_start], dtype=torch.long, device=dev)
+            if p.logit_bias:
+                seq.bias = torch.zeros(self.vocab_size, device=dev)
+                seq.bias[torch.tensor(list(p.logit_bias), device=dev)] = torch.tensor(
+                    [float(b) for b in p.logit_bias.values()], device=dev)
+        out = torch.tensor(seq.tokens[seq.out_start:] + list(ahead), dtype=torch.long, device=dev)
+        return process_logits(
+            logits, seq.prompt_ids, out, drafts if drafts is not None else out[:0],
+            frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
+            repetition_penalty=p.repetition_penalty, logit_bias=seq.bias,
+            stop_ids=torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=dev),
+            # min_tokens counts from the prompt's end, the output (as the kernel sees it) from out_start
+            min_tokens=p.min_tokens + seq.prompt_len - seq.out_start)
 
     def _noise(self, seq: _Sequence, start: int, n: int) -> torch.Tensor:
         return position_gumbel(seq.noise_seed, range(start, start + n), self.vocab_size, self.device)
@@ -723,7 +792,7 @@ class SpeculativeEngine:
                 seq, cap = by_slot[r]
                 n = len(pending[r][0])
                 seq.dlen += n
-                q, tok = self._draft_pick(seq, logits[r - lo, n - 1].float(), kept, len(out[r][0]))
+                q, tok = self._draft_pick(seq, logits[r - lo, n - 1].float(), kept, out[r][0])
                 picks.append((r, q, tok, entropy(q)))
                 if feature:
                     step_feats[r] = hidden[r - lo, n - 1:n]
@@ -743,15 +812,20 @@ class SpeculativeEngine:
                     pending[r] = ([int(tok)], step_feats.get(r))
         return {r: (d, torch.stack(qs) if qs else None) for r, (d, qs) in out.items()}
 
-    def _draft_pick(self, seq: _Sequence, logits: torch.Tensor, kept: torch.Tensor, i: int):
-        """(q, token) of one draft position: the drafter's distribution and its greedy or sampled token."""
+    def _draft_pick(self, seq: _Sequence, logits: torch.Tensor, kept: torch.Tensor, drafts: list[int]):
+        """(q, token) of one draft position after ``drafts``: the drafter's distribution and its greedy or
+        sampled token."""
         p = seq.params
+        controlled = self._controlled(seq)
+        if controlled:  # q under the target's controls too: more of its drafts survive verification against p
+            logits = self._process(seq, to_full_logits(logits, kept, self.vocab_size)[None], ahead=drafts)[0]
         if is_greedy(p.temperature):
             q = torch.softmax(logits, -1)
-            return q, kept[q.argmax()]
-        q = logits_to_probs(to_full_logits(logits, kept, self.vocab_size), p.temperature, p.top_k, p.top_p)
+            return q, (q.argmax() if controlled else kept[q.argmax()])
+        full = logits if controlled else to_full_logits(logits, kept, self.vocab_size)
+        q = logits_to_probs(full, p.temperature, p.top_k, p.top_p, p.min_p)
         if seq.noise_seed is not None:  # the noise the target will use at this position
-            return q, gumbel_argmax(q, self._noise(seq, len(seq.tokens) + i, 1)[0])
+            return q, gumbel_argmax(q, self._noise(seq, len(seq.tokens) + len(drafts), 1)[0])
         return q, torch.multinomial(q, 1, generator=seq.generator)[0]
 
     def _observe(self, seq: _Sequence, old_len: int, drafts: list[int], n: int, nxt: int,
@@ -765,7 +839,7 @@ class SpeculativeEngine:
 
     def _ends(self, seq: _Sequence, new: list[int]) -> bool:
         """Whether this round's tokens end the request (what _finish will find)."""
-        return any(t in self.stop_ids for t in new) or seq.produced >= seq.budget \
+        return any(self._stops(seq, t) for t in new) or seq.produced >= seq.budget \
             or len(seq.tokens) >= self.max_context
 
     # ---- one verification round ----------------------------------------------------------------------------
@@ -807,10 +881,13 @@ class SpeculativeEngine:
             drafts, q = inputs[s.slot]
             d = torch.tensor(drafts, device=self.device, dtype=torch.long)
             old_len = len(s.tokens)
+            if self._controlled(s):  # verify against the processed p, each position after the drafts before it
+                logits = self._process(s, logits, d)
             if is_greedy(s.params.temperature):
                 n, nxt = greedy_verify(d, logits)
             else:
-                probs = logits_to_probs(logits, s.params.temperature, s.params.top_k, s.params.top_p)
+                probs = logits_to_probs(logits, s.params.temperature, s.params.top_k, s.params.top_p,
+                                        s.params.min_p)
                 if s.noise_seed is not None:
                     n, nxt = coupled_verify(d, probs, self._noise(s, old_len, len(drafts) + 1))
                 else:

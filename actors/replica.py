@@ -248,6 +248,7 @@ class Replica:
             job.out, job.sent = list(resume["output_ids"]), resume["sent"]
             ids = list(resume["prompt_ids"]) + job.out
             params.max_tokens -= len(job.out)
+            params.min_tokens = max(0, params.min_tokens - len(job.out))
             if params.max_tokens < 1:  # it had streamed everything: only its end was lost
                 job.stats.prompt_tokens, job.stats.completion_tokens = len(resume["prompt_ids"]), len(job.out)
                 job.emit({"type": "end", "finish_reason": "length", "usage": usage_of(job.stats),
@@ -269,7 +270,8 @@ class Replica:
             return
         try:
             job.seq = self.engine.submit(ids, params, speculate=self.speculate, stats=job.stats,
-                                         tag=(job.req.get("label") or "", job.req.get("request_id") or ""))
+                                         tag=(job.req.get("label") or "", job.req.get("request_id") or ""),
+                                         resumed=len(job.out))
         except RequestError as e:
             self._fail(job, jobs, error_event(str(e)))
             return

@@ -2,9 +2,11 @@
 
 The same transform is applied to the target's logits (p) and the drafter's (q): speculative sampling is
 lossless with respect to whatever distribution p denotes, so p must be the *processed* target distribution
-(temperature, top-k, top-p) and q the distribution the draft tokens were really drawn from.
+(temperature, min-p, top-k, top-p) and q the distribution the draft tokens were really drawn from.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -14,12 +16,16 @@ def is_greedy(temperature: float) -> bool:
 
 
 def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                    top_p: float = 1.0) -> torch.Tensor:
-    """softmax(logits / T) restricted to the top-k tokens and then to the smallest nucleus of mass >= top_p
-    (Holtzman et al. 2019, eq. 3), renormalised. Works on the last dimension of any shape."""
+                    top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+    """softmax(logits / T) restricted to the tokens with p(v) >= min_p * max p (min-p sampling, Nguyen et al.
+    2024, "Turning Up the Heat", sec. 3), then to the top-k tokens, then to the smallest nucleus of mass >= top_p
+    (Holtzman et al. 2019, eq. 3), renormalised; vLLM's order. Works on the last dimension of any shape."""
     if temperature <= 0:
         raise ValueError("temperature must be > 0 for sampling; use greedy decoding for T == 0")
     logits = logits.float() / temperature
+    if min_p > 0.0:
+        # p(v) / max p = exp(l_v - max l): the threshold in logit space needs no softmax
+        logits = logits.masked_fill(logits < logits.amax(dim=-1, keepdim=True) + math.log(min_p), float("-inf"))
     if top_k and 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

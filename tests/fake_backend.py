@@ -55,7 +55,7 @@ class FakeEngine:
     def busy(self):
         return bool(self.active)
 
-    def submit(self, ids, params, speculate=True, stats=None, tag=None):
+    def submit(self, ids, params, speculate=True, stats=None, tag=None, resumed=0):
         params.validate()
         self.check_prompt(ids)
         self.prompts.append(ids)
