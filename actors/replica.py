@@ -2,8 +2,9 @@
 stream logger. A plain class: tests call it directly; cluster/serve.py wraps it in a Ray Serve deployment.
 
 A request is a dict (cluster/api/ validated it): ``prompt`` or ``messages``, ``max_tokens`` (0: score the prompt
-only), ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop`` (strings), ``logprobs`` (None or how many
-alternatives), ``prompt_logprobs`` (the same, for the prompt's tokens), ``label``, ``request_id``. ``stream``
+only), ``temperature``, ``top_p``, ``top_k``, ``seed``, the sampling controls of SamplingParams
+(``frequency_penalty`` ... ``min_p``), ``stop`` (strings), ``logprobs`` (None or how many alternatives),
+``prompt_logprobs`` (the same, for the prompt's tokens), ``label``, ``request_id``. ``stream``
 yields events (dicts with a ``type``):
   start  {prompt_tokens, prompt_ids, prompt_logprobs?}   the prompt was accepted; tokens follow
   delta  {text, token_ids, logprobs?}          new text of one verification round
@@ -111,7 +112,11 @@ class Replica:
         limit = 16 if req.get("max_tokens") is None else max(1, req["max_tokens"])
         params = SamplingParams(max_tokens=limit, temperature=req.get("temperature", 1.0),
                                 top_p=req.get("top_p", 1.0), top_k=req.get("top_k") or 0, seed=req.get("seed"),
-                                logprobs=req.get("logprobs"))
+                                logprobs=req.get("logprobs"), frequency_penalty=req.get("frequency_penalty", 0.0),
+                                presence_penalty=req.get("presence_penalty", 0.0),
+                                repetition_penalty=req.get("repetition_penalty", 1.0),
+                                logit_bias=req.get("logit_bias") or None, min_tokens=req.get("min_tokens", 0),
+                                ignore_eos=bool(req.get("ignore_eos")), min_p=req.get("min_p", 0.0))
         try:
             params.validate()
         except RequestError as e:

@@ -21,9 +21,13 @@ def client(tmp_path):
 
 
 @pytest.mark.parametrize("path,body,field", [
-    ("/v1/chat/completions", {**CHAT, "frequency_penalty": 0.5}, "frequency_penalty"),
-    ("/v1/chat/completions", {**CHAT, "presence_penalty": -1}, "presence_penalty"),
-    ("/v1/chat/completions", {**CHAT, "logit_bias": {"42": 5}}, "logit_bias"),
+    ("/v1/chat/completions", {**CHAT, "frequency_penalty": 2.5}, "frequency_penalty"),
+    ("/v1/chat/completions", {**CHAT, "presence_penalty": "high"}, "presence_penalty"),
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {"the": 5}}, "logit_bias"),
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {"42": 101}}, "logit_bias"),
+    ("/v1/completions", {**TEXT, "min_tokens": 3}, "min_tokens"),                          # > max_tokens
+    ("/v1/completions", {**TEXT, "repetition_penalty": 0}, "repetition_penalty"),
+    ("/v1/completions", {**TEXT, "min_p": 1.5}, "min_p"),
     ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, "tool_choice"),

@@ -12,7 +12,7 @@ import torch
 
 from onspec.actors.engine import RequestError, SamplingParams, SpeculativeEngine
 from onspec.actors.models import derive_drafter
-from onspec.cluster.config import SpeculationConfig
+from onspec.actors.config import SpeculationConfig
 from onspec.kernels.logits_processors import output_counts, process_logits
 from onspec.kernels.sampling import logits_to_probs
 from tests.conftest import WordTokenizer, tiny_target

@@ -175,6 +175,24 @@ def test_seeded_sampling_repeats(client):
     assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
 
 
+def test_openai_client_penalties_and_logit_bias_match_target_alone_under_them(client, real_engine):
+    """The sampling controls change the output exactly as target-only decoding under them does (greedy)."""
+    ids = real_engine.encode(messages=CHAT)
+    plain = real_engine.generate(ids, SamplingParams(max_tokens=16, temperature=0.0), speculate=False)
+    banned = plain.token_ids[1]  # a token the plain answer uses, pushed out of reach
+    controls = dict(frequency_penalty=1.5, presence_penalty=0.5, logit_bias={banned: -100.0})
+    ref = real_engine.generate(ids, SamplingParams(max_tokens=16, temperature=0.0, **controls), speculate=False)
+    assert ref.text != plain.text and banned not in ref.token_ids
+    res = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16, temperature=0,
+                                         frequency_penalty=1.5, presence_penalty=0.5,
+                                         logit_bias={str(banned): -100})
+    assert res.choices[0].message.content == ref.text
+    ext = dict(repetition_penalty=1.3, min_tokens=12)
+    ref = real_engine.generate(ids, SamplingParams(max_tokens=16, temperature=0.0, **ext), speculate=False)
+    res = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16, temperature=0, extra_body=ext)
+    assert res.choices[0].message.content == ref.text and res.usage.completion_tokens >= 12
+
+
 def test_openai_client_gets_n_choices_stop_strings_usage_and_logprobs(client, real_engine):
     ref = real_engine.generate(real_engine.encode(messages=CHAT), SamplingParams(max_tokens=24, temperature=0.0),
                                speculate=False).text

@@ -33,10 +33,9 @@ MAX_CHOICES = 8  # n: at most one batch of rows per request
 # OpenAI fields that change nothing about the output: accepted and not used.
 NO_OP_FIELDS = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key")
 # OpenAI fields onspec does not implement yet: accepted only with the value that means "off" (clients send
-# frequency_penalty: 0 and friends explicitly); any other value is refused with a 400 naming the field, never
-# accepted and dropped.
-NEUTRAL_ONLY = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},),
-                "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
+# response_format: {"type": "text"} and friends explicitly); any other value is refused with a 400 naming the
+# field, never accepted and dropped.
+NEUTRAL_ONLY = {"response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
                 "functions": ([],), "function_call": ("none",), "parallel_tool_calls": (True, False),
                 "modalities": (["text"],), "best_of": (1,), "suffix": ("",)}
 
@@ -64,9 +63,19 @@ class OpenAIRequest(BaseModel):
     service_tier: str | None = Field(None, description="accepted, not used")
     safety_identifier: str | None = Field(None, description="accepted, not used")
     prompt_cache_key: str | None = Field(None, description="accepted, not used")
-    frequency_penalty: Any = Field(None, description="not supported: only 0 (400 otherwise)")
-    presence_penalty: Any = Field(None, description="not supported: only 0 (400 otherwise)")
-    logit_bias: Any = Field(None, description="not supported: only {} (400 otherwise)")
+    # Sampling controls, applied to the target's distribution at every verified position (speculation stays
+    # lossless under them): OpenAI's, then vLLM's extensions.
+    frequency_penalty: Float = Field(0.0, ge=-2.0, le=2.0, description="logit -= count in the output * this")
+    presence_penalty: Float = Field(0.0, ge=-2.0, le=2.0, description="logit -= this once in the output")
+    logit_bias: dict[str, Float] | None = Field(None, max_length=1024,
+                                                description="token id (a string, as OpenAI) -> bias in [-100, 100]")
+    repetition_penalty: Float = Field(1.0, gt=0.0, le=10.0, description="vLLM extension: tokens of the prompt or "
+                                                                        "output have positive logits divided and "
+                                                                        "negative ones multiplied by this")
+    min_tokens: Int = Field(0, ge=0, description="vLLM extension: no end of sequence before this many tokens")
+    ignore_eos: StrictBool = Field(False, description="vLLM extension: generate max_tokens, past end of sequence")
+    min_p: Float = Field(0.0, ge=0.0, le=1.0, description="vLLM extension: sampling drops tokens below min_p times "
+                                                          "the likeliest one's probability")
 
 
 class CompletionRequest(OpenAIRequest):

@@ -87,6 +87,18 @@ class OpenAIServing:
                "logprobs": logprobs}
         if echo and logprobs is not None:
             out["prompt_logprobs"] = logprobs
+        bias = {}
+        for key, value in (req.logit_bias or {}).items():
+            if not key.isdigit() or not -100 <= value <= 100:
+                raise APIError(400, f"logit_bias maps token ids to a bias in [-100, 100]; got {key!r}: {value!r}",
+                               param="logit_bias", code="invalid_value")
+            bias[int(key)] = float(value)
+        if req.min_tokens > n:
+            raise APIError(400, f"min_tokens ({req.min_tokens}) must be at most {param} ({n})", param="min_tokens",
+                           code="invalid_value")
+        out.update(frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
+                   repetition_penalty=req.repetition_penalty, logit_bias=bias, min_tokens=req.min_tokens,
+                   ignore_eos=req.ignore_eos, min_p=req.min_p)
         return out
 
     def unavailable(self, e: Exception) -> APIError:
