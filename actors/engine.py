@@ -39,7 +39,12 @@ SOURCES = ("model", "suffix", "none")
 
 
 class RequestError(ValueError):
-    """A request the engine cannot serve as given (empty prompt, over the context length, bad parameters)."""
+    """A request the engine cannot serve as given (empty prompt, over the context length, bad parameters);
+    ``param``: the request field at fault, when one is."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -59,6 +64,9 @@ class SamplingParams:
     min_tokens: int = 0               # the stop ids cannot be generated before this many tokens
     ignore_eos: bool = False          # the stop ids are ordinary tokens: generate until max_tokens
     min_p: float = 0.0                # sampling: drop v with p(v) < min_p * max p (after temperature)
+    # Structured output (OpenAI's response_format: json_object or json_schema; tool calls arrive as a
+    # json_schema): a grammar masks the target's logits at every position (actors/grammar.py).
+    response_format: dict | None = None
 
     @property
     def penalized(self) -> bool:
@@ -243,6 +251,7 @@ class _Sequence:
     nfeat: int = 0
     prompt_ids: torch.Tensor | None = None  # on the device, with the dense logit_bias: made on first processing
     bias: torch.Tensor | None = None
+    constraint: object | None = None  # actors/grammar.Constraint: the grammar's state after the accepted tokens
     new: list[int] = field(default_factory=list)        # tokens of the last step (what the caller streams)
     logprobs: list = field(default_factory=list)        # per new token: (logprob, [(id, logprob), ...])
     finished: bool = False
@@ -294,6 +303,7 @@ class SpeculativeEngine:
             from onspec.actors.models import stop_token_ids
             stop_ids = stop_token_ids(target, tokenizer)
         self.stop_ids = stop_ids
+        self._grammars = None  # actors/grammar.GrammarCompiler, made by the first structured request
         self.controller = DraftController(spec)
         self.calibrated = False
         # Called after every round that rejected a draft (e.g. the stream logger); must not block.
@@ -464,7 +474,9 @@ class SpeculativeEngine:
         if not is_greedy(params.temperature):
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed if params.seed is not None else int(torch.seed() % (2**63)))
+        constraint = self._constraint(params.response_format, prompt_ids[len(prompt_ids) - resumed:])
         seq = _Sequence(tokens=list(prompt_ids), prompt_len=len(prompt_ids), params=params, generator=gen,
+                        constraint=constraint,
                         out_start=len(prompt_ids) - resumed,
                         speculate=speculate, stats=stats if stats is not None else GenerationStats(), tag=tag,
                         noise_seed=params.seed if gen is not None else None, t0=time.perf_counter(),
@@ -613,6 +625,8 @@ class SpeculativeEngine:
         tok = int(self._next_token(logits[0], seq))
         seq.tokens.append(tok)
         seq.new = [tok]
+        if seq.constraint is not None:
+            seq.constraint.commit([tok])
         if seq.params.logprobs is not None:
             seq.logprobs = self._logprobs(logits, [tok], seq.params.logprobs)
 
@@ -620,6 +634,8 @@ class SpeculativeEngine:
         p = seq.params
         if self._controlled(seq):
             logits = self._process(seq, logits[None])[0]
+        if seq.constraint is not None:
+            logits = logits.masked_fill(~seq.constraint.allowed().to(logits.device), float("-inf"))
         if is_greedy(p.temperature):
             return logits.argmax(-1)
         probs = logits_to_probs(logits, p.temperature, p.top_k, p.top_p, p.min_p)
@@ -628,6 +644,22 @@ class SpeculativeEngine:
         return torch.multinomial(probs, 1, generator=seq.generator)[0]
 
     # ---- the request's sampling controls -------------------------------------------------------------------
+    def _constraint(self, response_format: dict | None, resumed: list[int]):
+        """The request's grammar state (None for free text), advanced over output generated before a resume.
+        Grammars compile once per schema (cached); xgrammar is imported on the first structured request."""
+        if not response_format or response_format.get("type") == "text":
+            return None
+        if self._grammars is None:
+            from onspec.actors.grammar import GrammarCompiler
+            self._grammars = GrammarCompiler(self.tokenizer, vocab_size=self.vocab_size,
+                                             stop_token_ids=sorted(self.stop_ids))
+        try:
+            c = self._grammars.constraint(response_format)
+            c.commit(resumed)
+        except ValueError as e:
+            raise RequestError(str(e), param="response_format") from None
+        return c
+
     def _stops(self, seq: _Sequence, tok: int) -> bool:
         return tok in self.stop_ids and not seq.params.ignore_eos
 
@@ -883,6 +915,9 @@ class SpeculativeEngine:
             old_len = len(s.tokens)
             if self._controlled(s):  # verify against the processed p, each position after the drafts before it
                 logits = self._process(s, logits, d)
+            if s.constraint is not None:  # position j allows what the grammar allows after drafts[:j]
+                masks = s.constraint.masks_for(drafts).to(logits.device)
+                logits = logits.masked_fill(~masks[:, :logits.shape[-1]], float("-inf"))
             if is_greedy(s.params.temperature):
                 n, nxt = greedy_verify(d, logits)
             else:
@@ -947,6 +982,9 @@ class SpeculativeEngine:
         new = drafts[:n] + [nxt]
         seq.tokens.extend(new)
         seq.new = new
+        if seq.constraint is not None:  # up to the end of sequence, where _finish cuts the output too
+            ends = [i for i, t in enumerate(new) if self._stops(seq, t)]
+            seq.constraint.commit(new[:ends[0] + 1] if ends else new)
         if seq.params.logprobs is not None:
             seq.logprobs = self._logprobs(logits[:n + 1], new, seq.params.logprobs)
         if seq.speculate:  # a request that saw a swap reports the drafter that finished it

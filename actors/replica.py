@@ -116,7 +116,8 @@ class Replica:
                                 presence_penalty=req.get("presence_penalty", 0.0),
                                 repetition_penalty=req.get("repetition_penalty", 1.0),
                                 logit_bias=req.get("logit_bias") or None, min_tokens=req.get("min_tokens", 0),
-                                ignore_eos=bool(req.get("ignore_eos")), min_p=req.get("min_p", 0.0))
+                                ignore_eos=bool(req.get("ignore_eos")), min_p=req.get("min_p", 0.0),
+                                response_format=req.get("response_format"))
         try:
             params.validate()
         except RequestError as e:
@@ -278,7 +279,7 @@ class Replica:
                                          tag=(job.req.get("label") or "", job.req.get("request_id") or ""),
                                          resumed=len(job.out))
         except RequestError as e:
-            self._fail(job, jobs, error_event(str(e)))
+            self._fail(job, jobs, error_event(str(e), param=e.param))
             return
         if resume:
             job.stats.prompt_tokens = len(resume["prompt_ids"])
