@@ -11,6 +11,7 @@ from tests.fake_backend import ReplicaBackend
 
 CHAT = {"messages": [{"role": "user", "content": "a b"}], "max_tokens": 2}
 TEXT = {"prompt": "a b", "max_tokens": 2}
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 
 
 @pytest.fixture()
@@ -28,9 +29,15 @@ def client(tmp_path):
     ("/v1/completions", {**TEXT, "min_tokens": 3}, "min_tokens"),                          # > max_tokens
     ("/v1/completions", {**TEXT, "repetition_penalty": 0}, "repetition_penalty"),
     ("/v1/completions", {**TEXT, "min_p": 1.5}, "min_p"),
-    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
-    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, "tool_choice"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "yaml"}}, "response_format.type"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ("/v1/chat/completions", {**CHAT, "tools": [TOOL]}, "tool_choice"),                   # "auto" by default
+    ("/v1/chat/completions", {**CHAT, "tools": [TOOL], "tool_choice": "auto"}, "tool_choice"),
+    ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, "tool_choice"),          # no tools
+    ("/v1/chat/completions", {**CHAT, "tools": [TOOL], "tool_choice": {"type": "function", "function": {
+        "name": "g"}}}, "tool_choice"),
+    ("/v1/chat/completions", {**CHAT, "tools": [TOOL], "tool_choice": "required",
+                              "response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/completions", {**TEXT, "echo": 1}, "echo"),
     ("/v1/completions", {**TEXT, "best_of": 3}, "best_of"),
     ("/v1/completions", {**TEXT, "frequency_penalty": True}, "frequency_penalty"),

@@ -1,5 +1,6 @@
 """The real server, started once for this module: real Ray Serve (1 engine replica), a real private
 redis-server, the real model. Clients: the `openai` package (streaming included) and httpx."""
+import json
 import time
 
 import httpx
@@ -191,6 +192,69 @@ def test_openai_client_penalties_and_logit_bias_match_target_alone_under_them(cl
     ref = real_engine.generate(ids, SamplingParams(max_tokens=16, temperature=0.0, **ext), speculate=False)
     res = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16, temperature=0, extra_body=ext)
     assert res.choices[0].message.content == ref.text and res.usage.completion_tokens >= 12
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+                                           "parameters": {"type": "object", "properties": {
+                                               "city": {"type": "string", "maxLength": 20},
+                                               "unit": {"enum": ["celsius", "fahrenheit"]}},
+                                               "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "maxLength": 20}}, "required": ["zone"],
+    "additionalProperties": False}}}
+
+
+def test_openai_client_structured_outputs(client, real_engine):
+    import jsonschema
+
+    person = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    msgs = [{"role": "user", "content": "Make up a person, as JSON."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": person, "strict": True}}
+    res = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=64, temperature=0,
+                                         response_format=fmt)
+    doc = json.loads(res.choices[0].message.content)
+    jsonschema.validate(doc, person)
+    ref = real_engine.generate(real_engine.encode(messages=msgs),
+                               SamplingParams(max_tokens=64, temperature=0.0, response_format=fmt), speculate=False)
+    assert res.choices[0].message.content == ref.text  # speculative under the grammar = target alone under it
+    text = client.completions.create(model=MODEL, prompt="A person, as JSON:", max_tokens=64, temperature=0,
+                                     extra_body={"response_format": fmt})
+    assert text.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(text.choices[0].text), person)
+
+
+def test_openai_client_tool_calls(client):
+    import jsonschema
+
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    res = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=64, temperature=0,
+                                         tools=[WEATHER, TIME], tool_choice=named)
+    choice = res.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    # streamed: the call's id and name first, then its arguments as they are written
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=64, temperature=0,
+                                                 tools=[WEATHER, TIME], tool_choice=named, stream=True))
+    deltas = [d for ch in chunks for c in ch.choices for d in (c.delta.tool_calls or [])]
+    assert deltas[0].id and deltas[0].function.name == "get_weather"
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+    assert [c.finish_reason for ch in chunks for c in ch.choices if c.finish_reason] == ["tool_calls"]
+    # "required": the model picks the function, and its arguments fit that function's schema
+    res = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=80, temperature=0,
+                                         tools=[WEATHER, TIME], tool_choice="required")
+    call = res.choices[0].message.tool_calls[0]
+    schema = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]["function"]["parameters"]
+    jsonschema.validate(json.loads(call.function.arguments), schema)
+    # the call and the tool's answer in the history render through the chat template
+    history = msgs + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                      {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"}]
+    answer = client.chat.completions.create(model=MODEL, messages=history, max_tokens=12, temperature=0,
+                                            tools=[WEATHER], tool_choice="none")
+    assert answer.choices[0].message.content and answer.choices[0].finish_reason in ("stop", "length")
 
 
 def test_openai_client_gets_n_choices_stop_strings_usage_and_logprobs(client, real_engine):

@@ -35,8 +35,7 @@ NO_OP_FIELDS = ("user", "metadata", "store", "service_tier", "safety_identifier"
 # OpenAI fields onspec does not implement yet: accepted only with the value that means "off" (clients send
 # response_format: {"type": "text"} and friends explicitly); any other value is refused with a 400 naming the
 # field, never accepted and dropped.
-NEUTRAL_ONLY = {"response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
-                "functions": ([],), "function_call": ("none",), "parallel_tool_calls": (True, False),
+NEUTRAL_ONLY = {"functions": ([],), "function_call": ("none",), "parallel_tool_calls": (True, False),
                 "modalities": (["text"],), "best_of": (1,), "suffix": ("",)}
 
 
@@ -78,6 +77,30 @@ class OpenAIRequest(BaseModel):
                                                           "the likeliest one's probability")
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's structured outputs: text (free), json_object (any JSON object), json_schema (that schema)."""
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    def grammar(self) -> dict | None:
+        """What the engine's grammar compiler takes (actors/grammar.py), or None for free text."""
+        if self.type == "text":
+            return None
+        if self.type == "json_schema" and self.json_schema is None:
+            raise APIError(400, "response_format.json_schema is required with type json_schema",
+                           param="response_format.json_schema", code="invalid_value")
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
 class CompletionRequest(OpenAIRequest):
     prompt: str | list[str]
     best_of: Any = Field(None, description="not supported: only 1 (400 otherwise)")
@@ -87,6 +110,7 @@ class CompletionRequest(OpenAIRequest):
     suffix: Any = Field(None, description="not supported: only \"\" (400 otherwise)")
     logprobs: Int | None = Field(None, ge=0, le=5, description="log-probabilities of the chosen tokens and of the "
                                                               "likeliest this many, under the target")
+    response_format: ResponseFormat | None = Field(None, description="vLLM extension on completions: as chat's")
 
 
 class TextPart(BaseModel):
@@ -95,10 +119,49 @@ class TextPart(BaseModel):
     text: str
 
 
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON text")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant's earlier calls")
+    tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema of the arguments (default: any "
+                                                                "object)")
+    strict: StrictBool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(OpenAIRequest):
@@ -106,12 +169,14 @@ class ChatCompletionRequest(OpenAIRequest):
     max_completion_tokens: Int | None = None
     logprobs: StrictBool = False
     top_logprobs: Int | None = Field(None, ge=0, le=20)
-    response_format: Any = Field(None, description="not supported: only {\"type\": \"text\"} (400 otherwise)")
-    tools: Any = Field(None, description="not supported: only [] (400 otherwise)")
-    tool_choice: Any = Field(None, description="not supported: only \"none\" (400 otherwise)")
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="\"required\" or a named function: the arguments are generated under the function's "
+                          "schema; \"auto\" needs a chat template that renders tools (400 otherwise)")
     functions: Any = Field(None, description="not supported: only [] (400 otherwise)")
     function_call: Any = Field(None, description="not supported: only \"none\" (400 otherwise)")
-    parallel_tool_calls: Any = Field(None, description="accepted as a boolean; no tools, so nothing to do")
+    parallel_tool_calls: Any = Field(None, description="accepted as a boolean; onspec makes one call per choice")
     modalities: Any = Field(None, description="only [\"text\"] (400 otherwise)")
 
 

@@ -69,9 +69,33 @@ class Completion(BaseModel):
     usage: Usage
 
 
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+
+class FunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
 
 
 class ChatChoice(BaseModel):
@@ -110,6 +134,7 @@ class ChatDelta(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -217,39 +242,88 @@ class CompletionRender:
         self.offsets[i] = self.offsets.get(i, 0) + len(text)
         return self._base(choices=[{"index": i, "text": text, "logprobs": lp, "finish_reason": None}])
 
-    def finish(self, reason: str, i: int = 0) -> dict:
-        return self._base(choices=[{"index": i, "text": "", "logprobs": None, "finish_reason": reason}])
+    def finish(self, reason: str, i: int = 0) -> list[dict]:
+        return [self._base(choices=[{"index": i, "text": "", "logprobs": None, "finish_reason": reason}])]
 
     def usage(self, usage: dict) -> dict:
         return self._base(choices=[], usage=usage)
 
 
 class ChatRender(CompletionRender):
+    """Chat answers; with ``calls`` (the functions a tool call must be made to) the text the grammar shaped is a
+    call: one function's arguments, or {"name", "arguments"} of one of several."""
     object = "chat.completion"
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, calls: list | None = None):
         super().__init__(model)
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.calls = calls
+        self.streamed: dict[int, str] = {}  # per choice: the call's text so far (streams)
+
+    def _call(self, text: str, i: int) -> dict | None:
+        """The tool call a choice's text makes (None while it is not yet a complete call of several)."""
+        if len(self.calls) == 1:
+            name, args = self.calls[0].name, text
+        else:
+            try:
+                made = json.loads(text)
+            except ValueError:
+                return None
+            name, args = made["name"], json.dumps(made["arguments"])
+        return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                "function": {"name": name, "arguments": args}}
+
+    def _message(self, r: dict, i: int) -> tuple[dict, str]:
+        call = self._call(r["text"], i) if self.calls else None
+        if call is None:
+            return {"role": "assistant", "content": r["text"]}, r["finish_reason"]
+        reason = "tool_calls" if r["finish_reason"] == "stop" else r["finish_reason"]
+        return {"role": "assistant", "content": None, "tool_calls": [call]}, reason
 
     def full(self, results: list[dict], usage: dict) -> dict:
-        return self._base(choices=[{"index": i, "message": {"role": "assistant", "content": r["text"]},
-                                    "logprobs": chat_logprobs(r.get("logprobs")),
-                                    "finish_reason": r["finish_reason"]} for i, r in enumerate(results)],
-                          usage=usage)
+        choices = []
+        for i, r in enumerate(results):
+            message, reason = self._message(r, i)
+            choices.append({"index": i, "message": message, "logprobs": chat_logprobs(r.get("logprobs")),
+                            "finish_reason": reason})
+        return self._base(choices=choices, usage=usage)
 
     def _chunk(self, **kw) -> dict:
         return {**self._base(**kw), "object": "chat.completion.chunk"}
 
     def opening(self, i: int) -> list[dict]:
-        return [self._chunk(choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
+        content = None if self.calls else ""
+        return [self._chunk(choices=[{"index": i, "delta": {"role": "assistant", "content": content},
                                       "logprobs": None, "finish_reason": None}])]
 
-    def delta(self, text: str, i: int = 0, logprobs: list | None = None) -> dict:
-        return self._chunk(choices=[{"index": i, "delta": {"content": text}, "logprobs": chat_logprobs(logprobs),
-                                     "finish_reason": None}])
+    def delta(self, text: str, i: int = 0, logprobs: list | None = None) -> dict | None:
+        if not self.calls:
+            return self._chunk(choices=[{"index": i, "delta": {"content": text},
+                                         "logprobs": chat_logprobs(logprobs), "finish_reason": None}])
+        first = i not in self.streamed
+        self.streamed[i] = self.streamed.get(i, "") + text
+        if len(self.calls) > 1:
+            return None  # the function's name comes inside the text: the call is sent whole at the end
+        call = {"index": 0, "function": {"arguments": text}}
+        if first:  # one function: its arguments stream as they are written
+            call = {"index": 0, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                    "function": {"name": self.calls[0].name, "arguments": text}}
+        return self._chunk(choices=[{"index": i, "delta": {"tool_calls": [call]},
+                                     "logprobs": chat_logprobs(logprobs), "finish_reason": None}])
 
-    def finish(self, reason: str, i: int = 0) -> dict:
-        return self._chunk(choices=[{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
+    def finish(self, reason: str, i: int = 0) -> list[dict]:
+        out, call = [], None
+        if self.calls and (len(self.calls) > 1 or i not in self.streamed):
+            # Several functions: the call goes out whole now (its name was inside the text); one function
+            # with nothing streamed: its (empty) call still has to be announced.
+            text = self.streamed.get(i, "")
+            call = self._call(text, i)
+            delta = {"tool_calls": [{"index": 0, **call}]} if call else {"content": text}  # cut short: text
+            out.append(self._chunk(choices=[{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]))
+        if self.calls and reason == "stop" and (call is not None or len(self.calls) == 1):
+            reason = "tool_calls"
+        out.append(self._chunk(choices=[{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}]))
+        return out
 
     def usage(self, usage: dict) -> dict:
         return self._chunk(choices=[], usage=usage)

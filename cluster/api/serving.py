@@ -8,6 +8,7 @@ app registers ``completions`` and ``chat_completions`` as its two POST handlers.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from typing import Any
@@ -19,20 +20,88 @@ from onspec.actors.config import OnspecConfig
 from onspec.cluster.api.errors import APIError
 from onspec.cluster.api.metrics import Metrics, verification_steps
 from onspec.cluster.api.protocol import (NEUTRAL_ONLY, ChatCompletionRequest, ChatMessage, CompletionRequest,
-                                         DetokenizeRequest, OpenAIRequest, TokenizeRequest, read_json, validated)
+                                         DetokenizeRequest, FunctionDef, OpenAIRequest, TokenizeRequest, read_json,
+                                         validated)
 from onspec.cluster.api.responses import ChatRender, CompletionRender, merge_usage, sse
 from onspec.cluster.dashboard import History
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict]:
     """Messages as the chat template takes them: text parts joined, "developer" as "system" (the template has
-    no such role)."""
-    out = [{"role": "system" if m.role == "developer" else m.role,
-            "content": m.content if isinstance(m.content, str) or m.content is None
-            else "".join(p.text for p in m.content)} for m in messages]
+    no such role), an assistant's earlier tool calls as the JSON it wrote, a tool's answer under role "tool"."""
+    out = []
+    for m in messages:
+        text = m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in m.content)
+        if m.role == "assistant" and m.tool_calls and not text:
+            text = json.dumps([{"name": c.function.name, "arguments": json.loads(c.function.arguments or "{}")}
+                               if _is_json(c.function.arguments) else
+                               {"name": c.function.name, "arguments": c.function.arguments} for c in m.tool_calls])
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
     if not any((m["content"] or "").strip() for m in out):
         raise APIError(400, "the messages are empty", param="messages", code="empty_prompt")
     return [{**m, "content": m["content"] or ""} for m in out]
+
+
+def _is_json(text: str | None) -> bool:
+    try:
+        json.loads(text or "{}")
+        return True
+    except ValueError:
+        return False
+
+
+# ---- tool calls ----------------------------------------------------------------------------------------------
+def tool_calls_wanted(req: ChatCompletionRequest) -> list[FunctionDef] | None:
+    """The functions a call must be made to (one: a named tool_choice; several: "required", the model picks), or
+    None when the answer is text. "auto" is refused: telling a call from text needs a chat template that renders
+    tools and a parser for its call format, and the served model's template has neither."""
+    tools = {t.function.name: t.function for t in req.tools or []}
+    choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
+    if choice == "none":
+        return None
+    if not tools:
+        raise APIError(400, "tool_choice needs tools", param="tool_choice", code="invalid_value")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise APIError(400, "response_format and a tool call cannot both shape the answer", param="response_format",
+                       code="invalid_value")
+    if choice == "auto":
+        raise APIError(400, "tool_choice \"auto\" is not supported: the served model's chat template does not "
+                            "render tools; use \"required\" or name a function ({\"type\": \"function\", "
+                            "\"function\": {\"name\": ...}})", param="tool_choice", code="unsupported_value")
+    if choice == "required":
+        return list(tools.values())
+    if choice.function.name not in tools:
+        raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not among the tools",
+                       param="tool_choice", code="invalid_value")
+    return [tools[choice.function.name]]
+
+
+def tool_format(calls: list[FunctionDef]) -> dict:
+    """The grammar of the answer: the one function's arguments, or {"name", "arguments"} of one of several."""
+    def params(f: FunctionDef) -> dict:
+        return f.parameters or {"type": "object"}
+    if len(calls) == 1:
+        schema = params(calls[0])
+    else:
+        schema = {"anyOf": [{"type": "object", "properties": {"name": {"const": f.name}, "arguments": params(f)},
+                             "required": ["name", "arguments"], "additionalProperties": False} for f in calls]}
+    return {"type": "json_schema", "json_schema": {"name": "tool_call", "schema": schema,
+                                                   "strict": any(bool(f.strict) for f in calls)}}
+
+
+def with_tools(messages: list[dict], calls: list[FunctionDef]) -> list[dict]:
+    """The functions described to the model in the system message (the template has no place for tools), so
+    that the arguments it writes under the grammar fit what was asked."""
+    what = "Call this function" if len(calls) == 1 else "Call one of these functions"
+    shape = "its arguments as a JSON object" if len(calls) == 1 else 'a JSON object {"name": ..., "arguments": ...}'
+    lines = [f"{what}, answering with {shape} only."]
+    for f in calls:
+        lines.append(json.dumps({"name": f.name, "description": f.description or "",
+                                 "parameters": f.parameters or {"type": "object"}}))
+    text = "\n".join(lines)
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": messages[0]["content"] + "\n\n" + text}] + messages[1:]
+    return [{"role": "system", "content": text}] + messages
 
 
 class OpenAIServing:
@@ -223,13 +292,16 @@ class OpenAIServing:
                         if first_token:
                             self.metrics.ttft.observe(time.perf_counter() - t0)
                             first_token = False
-                        if ev["text"] or ev.get("logprobs"):
-                            yield sse(render.delta(ev["text"], i, ev.get("logprobs")))
+                        chunk = render.delta(ev["text"], i, ev.get("logprobs")) \
+                            if ev["text"] or ev.get("logprobs") else None
+                        if chunk is not None:
+                            yield sse(chunk)
                     elif ev["type"] == "end":
                         ended.add(i)
                         usages.append(ev["usage"])
                         self.record(req.label, ev["usage"], ev.get("replica"), t0)
-                        yield sse(render.finish(ev["finish_reason"], i))
+                        for chunk in render.finish(ev["finish_reason"], i):
+                            yield sse(chunk)
                     elif ev["type"] == "error":
                         failed = True
                         yield sse({"error": ev["error"]})
@@ -263,6 +335,8 @@ class OpenAIServing:
                                code="invalid_value")
             prompt = prompt[0]
         payload = {"prompt": prompt, **self.sampling(req, req.max_tokens, 16)}
+        if req.response_format is not None:
+            payload["response_format"] = req.response_format.grammar()
         render = CompletionRender(self.model_name, echo=prompt if req.echo else None)
         return await self.call("completions", req, payload, render)
 
@@ -270,7 +344,13 @@ class OpenAIServing:
         req = await self.parse(request, ChatCompletionRequest)
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         payload = {"messages": chat_messages(req.messages), **self.sampling(req, limit, 256)}
-        return await self.call("chat_completions", req, payload, ChatRender(self.model_name))
+        calls = tool_calls_wanted(req)
+        if calls is not None:
+            payload["messages"] = with_tools(payload["messages"], calls)
+            payload["response_format"] = tool_format(calls)
+        elif req.response_format is not None:
+            payload["response_format"] = req.response_format.grammar()
+        return await self.call("chat_completions", req, payload, ChatRender(self.model_name, calls))
 
     async def tokenize(self, request: Request):
         """vLLM's POST /tokenize: {count, max_model_len, tokens[, token_strs]}."""
