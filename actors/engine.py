@@ -805,6 +805,9 @@ class SpeculativeEngine:
         b = max(s.slot for s, _ in rows) - lo + 1
         by_slot = {s.slot: (s, cap) for s, cap in rows}
         pending = {s.slot: self._backlog(s, len(s.tokens)) for s, _ in rows}  # the first forward's inputs
+        # Structured rows draft under their grammar too (on a copy of its state): a draft the grammar forbids
+        # could only be rejected.
+        grammars = {s.slot: s.constraint.fork() for s, _ in rows if s.constraint is not None}
         out = {s.slot: ([], []) for s, _ in rows}
         live = set(by_slot)
         step_feats: dict[int, torch.Tensor] = {}
@@ -824,7 +827,7 @@ class SpeculativeEngine:
                 seq, cap = by_slot[r]
                 n = len(pending[r][0])
                 seq.dlen += n
-                q, tok = self._draft_pick(seq, logits[r - lo, n - 1].float(), kept, out[r][0])
+                q, tok = self._draft_pick(seq, logits[r - lo, n - 1].float(), kept, out[r][0], grammars.get(r))
                 picks.append((r, q, tok, entropy(q)))
                 if feature:
                     step_feats[r] = hidden[r - lo, n - 1:n]
@@ -834,6 +837,12 @@ class SpeculativeEngine:
                 if threshold is not None and adaedl_should_stop(h, self.spec.adaedl_gamma, threshold):
                     live.discard(r)
                     continue
+                if r in grammars:
+                    try:
+                        grammars[r].commit([int(tok)])
+                    except ValueError:  # nothing the grammar allows was in the drafter's vocabulary
+                        live.discard(r)
+                        continue
                 out[r][0].append(int(tok))
                 if not is_greedy(seq.params.temperature):
                     out[r][1].append(q)
@@ -844,13 +853,21 @@ class SpeculativeEngine:
                     pending[r] = ([int(tok)], step_feats.get(r))
         return {r: (d, torch.stack(qs) if qs else None) for r, (d, qs) in out.items()}
 
-    def _draft_pick(self, seq: _Sequence, logits: torch.Tensor, kept: torch.Tensor, drafts: list[int]):
+    def _draft_pick(self, seq: _Sequence, logits: torch.Tensor, kept: torch.Tensor, drafts: list[int],
+                    grammar=None):
         """(q, token) of one draft position after ``drafts``: the drafter's distribution and its greedy or
-        sampled token."""
+        sampled token (under the request's grammar, at its state after ``drafts``, when it has one)."""
         p = seq.params
-        controlled = self._controlled(seq)
+        controlled = self._controlled(seq) or grammar is not None
         if controlled:  # q under the target's controls too: more of its drafts survive verification against p
-            logits = self._process(seq, to_full_logits(logits, kept, self.vocab_size)[None], ahead=drafts)[0]
+            logits = to_full_logits(logits, kept, self.vocab_size)[None]
+            if self._controlled(seq):
+                logits = self._process(seq, logits, ahead=drafts)
+            logits = logits[0]
+            if grammar is not None:
+                masked = logits.masked_fill(~grammar.allowed().to(logits.device), float("-inf"))
+                # Nothing allowed among the kept ids: left unmasked (the pick is refused by the grammar after).
+                logits = torch.where(torch.isfinite(masked).any(), masked, logits)
         if is_greedy(p.temperature):
             q = torch.softmax(logits, -1)
             return q, (q.argmax() if controlled else kept[q.argmax()])

@@ -37,7 +37,8 @@ def cmd_bench_decode(args) -> int:
     sources = tuple(dict.fromkeys(args.drafter or [engine.spec.source]))
     drafters = _compare_drafters(args.compare_drafter or [], engine, cfg)
     result = bench_decode(engine, specs, args.max_tokens, repeats=args.repeats, sources=sources,
-                          prompt_lookup=args.prompt_lookup, log=log, drafters=drafters)
+                          prompt_lookup=args.prompt_lookup, log=log, drafters=drafters,
+                          response_format=_response_format(args.response_format))
     if args.json:
         print(json.dumps(result))
     else:
@@ -49,6 +50,20 @@ def cmd_bench_decode(args) -> int:
         for name, figures in result.get("drafters", {}).items():
             print(f"{'drafter ' + name:28s} {json.dumps(figures)}")
     return 0
+
+
+def _response_format(value: str | None) -> dict | None:
+    """``--response-format``: json_object, or a JSON Schema file (json_schema, strict)."""
+    if value is None:
+        return None
+    if value == "json_object":
+        return {"type": "json_object"}
+    try:
+        schema = json.loads(Path(value).read_text())
+    except (OSError, ValueError) as e:
+        raise CLIError(f"--response-format {value}: not json_object, nor a readable JSON Schema file ({e})") \
+            from None
+    return {"type": "json_schema", "json_schema": {"name": Path(value).stem, "schema": schema, "strict": True}}
 
 
 def _compare_drafters(specs: list[str], engine, cfg: OnspecConfig) -> dict:
@@ -234,6 +249,9 @@ def add_bench_parsers(sub) -> None:
                          "feature; the shipped pretrained one where it fits), derived-KIND for that kind derived "
                          "from the target untrained, or a drafter checkpoint directory, e.g. two kinds' versions "
                          "after the same minutes of `bench online`")
+    bd.add_argument("--response-format", metavar="json_object|SCHEMA.json",
+                    help="decode every mode under this structured output (a grammar masks the target); the report "
+                         "adds the mask's cost per token")
     bd.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
                     help="also run transformers' generate with prompt-lookup decoding (N tokens) and without, "
                          "on the same prompts")

@@ -64,13 +64,16 @@ def _hf_generate(engine: SpeculativeEngine, ids: list[int], max_tokens: int, loo
 
 def bench_decode(engine: SpeculativeEngine, specs: list[PromptSpec], max_tokens: int, repeats: int = 1,
                  sources: tuple[str, ...] | None = None, prompt_lookup: int = 0, log=lambda *_: None,
-                 drafters: dict | None = None) -> dict:
+                 drafters: dict | None = None, response_format: dict | None = None) -> dict:
     """Target-only and speculative decoding with each draft source, interleaved prompt by prompt (so drift in
     machine load hits all alike), after one excluded warm-up of each. Greedy, so every speculative output must
     equal the target's token for token. With ``prompt_lookup`` > 0, transformers' generate with
     prompt-lookup decoding (that many tokens) and without it run on the same prompts too. ``drafters``
     ({name: drafter}, e.g. the other kind, or checkpoints trained as long) run in the same interleaving with
     the first source, each with its own measured cost, in place of the engine's drafter.
+
+    With ``response_format`` (structured output: json_object or json_schema) every mode decodes under the
+    grammar, and ``grammar`` reports what masking costs per token.
 
     The top-level figures are those of the first source with the engine's drafter; ``sources`` holds every
     source's, ``drafters`` every extra drafter's."""
@@ -82,7 +85,7 @@ def bench_decode(engine: SpeculativeEngine, specs: list[PromptSpec], max_tokens:
     prompts = [engine.encode(s.prompt, s.messages) for s in specs]
     for ids in prompts:
         engine.check_prompt(ids)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, response_format=response_format)
     saved = engine.spec, engine.controller, engine.suffix_index, engine.suffix_trust, engine.drafter
     if engine.spec.cost_aware and engine.spec.mode == "adaedl":
         engine.spec = engine.spec.model_copy(update={"source": "hybrid"})  # measures the suffix lengths too
@@ -91,7 +94,7 @@ def bench_decode(engine: SpeculativeEngine, specs: list[PromptSpec], max_tokens:
     for name, d in drafters.items():
         states[name] = _mode_state(engine, sources[0], d, _drafter_cost(engine, d))
     modes_run = (*sources, *drafters)
-    warm = SamplingParams(max_tokens=8)
+    warm = SamplingParams(max_tokens=8, response_format=response_format)
     engine.generate(prompts[0], warm, speculate=False)
     for name, st in states.items():  # on throwaway copies: the measured runs start from the same state
         _run_mode(engine, _mode_state(engine, st["spec"].source, st["drafter"], st["controller"].draft_cost),
@@ -105,11 +108,12 @@ def bench_decode(engine: SpeculativeEngine, specs: list[PromptSpec], max_tokens:
     hf = {"plain": [0, 0.0], "lookup": [0, 0.0]}
     identical = {src: True for src in modes_run}
     hf_identical = True
-    per_prompt = []
+    per_prompt, outputs = [], []
     try:
         for _ in range(repeats):
             for spec, ids in zip(specs, prompts):
                 runs = {"target": engine.generate(ids, params, speculate=False)}
+                outputs.append(runs["target"].token_ids)
                 for src in modes_run:
                     runs[src] = _run_mode(engine, states[src], ids, params)
                     for s, v in runs[src].stats.sources.items():
@@ -184,12 +188,37 @@ def bench_decode(engine: SpeculativeEngine, specs: list[PromptSpec], max_tokens:
                                         "drafter_version": getattr(d, "version", None),
                                         "drafter_cost_per_token_ms": round(cost * 1000, 2),
                                         "drafter_cost_ratio": round(cost / ctl.verify_cost[0], 4)}
+    if response_format:
+        result["grammar"] = {"response_format": response_format,
+                             "mask_us_per_token": mask_cost(engine, response_format, outputs)}
     if prompt_lookup:
         plain, look = hf["plain"][0] / hf["plain"][1], hf["lookup"][0] / hf["lookup"][1]
         result["prompt_lookup"] = {"num_tokens": prompt_lookup, "hf_tokens_per_s": round(plain, 3),
                                    "hf_lookup_tokens_per_s": round(look, 3), "speedup": round(look / plain, 4),
                                    "vs_target_only": round(look / t_tps, 4), "identical": hf_identical}
     return result
+
+
+def mask_cost(engine: SpeculativeEngine, response_format: dict, outputs: list[list[int]]) -> float:
+    """Microseconds per token that structured output adds to a round: the grammar's mask for the position,
+    applied to a vocabulary of logits, and the matcher advanced over the token, replayed along real outputs."""
+    import time
+
+    import torch
+
+    logits = torch.zeros(1, engine.vocab_size)
+    n, spent = 0, 0.0
+    for out in outputs:
+        c = engine._constraint(response_format, [])
+        for tok in out:
+            if tok in engine.stop_ids:
+                break
+            t = time.perf_counter()
+            logits.masked_fill(~c.masks_for([]), float("-inf"))
+            c.commit([tok])
+            spent += time.perf_counter() - t
+            n += 1
+    return round(spent / max(n, 1) * 1e6, 2)
 
 
 def bench_forward(target, sizes=(1, 2, 3, 4, 5, 7, 9), reps: int = 5, context: int = 64) -> dict:
