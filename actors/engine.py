@@ -155,6 +155,7 @@ class RoundRecord:
     drafter_version: str | None
     temperature: float = 0.0  # the request's: tells the trainer which divergence suits this traffic
     source: str = "model"     # who drafted: "model", "suffix", or "none" (a coverage record of plain decoding)
+    constrained: bool = False  # a structured request: the target's choice was grammar-masked (its top-k is not)
     request: object = None    # the caller's tag of the request (not sent to the stream)
 
 
@@ -884,7 +885,7 @@ class SpeculativeEngine:
             context=seq.tokens[max(0, old_len - self.record_context):old_len], drafts=drafts, accepted=n,
             target_token=nxt, topk_ids=top.indices.tolist(), topk_logprobs=top.values.tolist(),
             drafter_version=getattr(self.drafter, "version", None), temperature=float(seq.params.temperature),
-            source=source, request=seq.tag))
+            source=source, request=seq.tag, constrained=seq.constraint is not None))
 
     def _ends(self, seq: _Sequence, new: list[int]) -> bool:
         """Whether this round's tokens end the request (what _finish will find)."""

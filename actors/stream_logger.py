@@ -49,6 +49,7 @@ def encode_record(rec, label: str, ts: float, request_id: str = "") -> dict[str,
         "topk_logprobs": _f32(rec.topk_logprobs),
         "temperature": repr(float(getattr(rec, "temperature", 0.0))),
         "source": getattr(rec, "source", "model"),
+        "constrained": "1" if getattr(rec, "constrained", False) else "0",
     }
 
 
@@ -74,6 +75,7 @@ def decode_record(fields: dict) -> dict[str, Any]:
         # Added within schema 1 as an optional field: records written before it count as greedy.
         "temperature": float(text("temperature")) if "temperature" in f else 0.0,
         "source": text("source") if "source" in f else "model",
+        "constrained": text("constrained") == "1" if "constrained" in f else False,
     }
 
 

@@ -53,7 +53,7 @@ def test_records_roundtrip_with_the_documented_schema(server):
                        "request_id": "req-1", "drafter_version": "base", "context": [1, 2, 3, 40299],
                        "drafts": [5, 6, 7], "rejected_pos": 1, "target_token": 9, "topk_ids": [9, 6, 11],
                        "topk_logprobs": pytest.approx([-0.1, -2.5, -4.0], abs=1e-6), "temperature": 0.7,
-                       "source": "model"}
+                       "source": "model", "constrained": False}
         assert log.stats()["written"] == 300 and log.stats()["dropped"] == 0
     finally:
         log.close()

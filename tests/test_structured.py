@@ -74,3 +74,16 @@ def test_an_invalid_schema_is_refused_naming_response_format(real_engine):
     with pytest.raises(RequestError) as e:
         real_engine.submit([1, 2, 3], SamplingParams(max_tokens=4, response_format=bad))
     assert e.value.param == "response_format"
+
+
+def test_records_of_a_structured_request_say_so(real_engine):
+    records = []
+    real_engine.round_observer = records.append
+    try:
+        ids = real_engine.encode(messages=[{"role": "user", "content": CASES[1][0]}])
+        real_engine.generate(ids, SamplingParams(max_tokens=24, temperature=0.0, response_format=CASES[1][1]))
+        real_engine.generate(ids, SamplingParams(max_tokens=24, temperature=0.0))
+    finally:
+        real_engine.round_observer = None
+    flags = {r.constrained for r in records}
+    assert flags == {True, False}
