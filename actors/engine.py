@@ -14,8 +14,10 @@ A suffix draft costs no forward at all; hybrid mode takes it when its expected a
 verification beat what the drafter model (or plain decoding) is expected to give. Suffix drafts are
 deterministic, so under sampling their proposal distribution q is one-hot and the rejection rule stays exact.
 
-Longer than ~500 lines: a round reads and moves every row's state (tokens, both caches' lengths, features, the
-controller), and keeping the round's steps beside the state they move is what lets them be read as one step.
+What a request asks and gets back is in actors/requests.py, the draft-length controller in
+actors/draft_control.py. Longer than ~500 lines: a round reads and moves every row's state (tokens, both caches'
+lengths, features, grammar, the controller), and keeping the round's steps beside the state they move is what
+lets them be read as one step.
 """
 from __future__ import annotations
 
@@ -25,205 +27,16 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
+from onspec.actors.draft_control import DraftController
+from onspec.actors.requests import Generation, GenerationStats, RequestError, RoundRecord, SamplingParams
 from onspec.actors.row_cache import RowCache, body_forward
 from onspec.actors.suffix_index import SuffixDraft, SuffixIndex
 from onspec.actors.config import OnspecConfig, SpeculationConfig, SuffixConfig
-from onspec.kernels.draft_length import (AdaEDLState, adaedl_should_stop, adaedl_update, best_batch_width,
-                                         best_draft_length, expected_tokens)
+from onspec.kernels.draft_length import adaedl_should_stop, best_batch_width, best_draft_length, expected_tokens
 from onspec.kernels.logits_processors import process_logits
 from onspec.kernels.sampling import entropy, gumbel_argmax, is_greedy, logits_to_probs, position_gumbel
 from onspec.kernels.verify import coupled_verify, greedy_verify, rejection_verify
 from onspec.kernels.vocab_trim import to_full_logits
-
-SOURCES = ("model", "suffix", "none")
-
-
-class RequestError(ValueError):
-    """A request the engine cannot serve as given (empty prompt, over the context length, bad parameters);
-    ``param``: the request field at fault, when one is."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    logprobs: int | None = None  # None: none; n: the chosen token's log-probability and the n likeliest
-    # The controls below (OpenAI's and vLLM's) transform the target's logits at every position (see
-    # kernels/logits_processors.py); the drafts are verified against the result, so speculation stays lossless.
-    frequency_penalty: float = 0.0    # logit[v] -= count of v in the output * this
-    presence_penalty: float = 0.0     # logit[v] -= this, once v occurs in the output
-    repetition_penalty: float = 1.0   # v seen in prompt or output: logit / this if positive, * this if not
-    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
-    min_tokens: int = 0               # the stop ids cannot be generated before this many tokens
-    ignore_eos: bool = False          # the stop ids are ordinary tokens: generate until max_tokens
-    min_p: float = 0.0                # sampling: drop v with p(v) < min_p * max p (after temperature)
-    # Structured output (OpenAI's response_format: json_object or json_schema; tool calls arrive as a
-    # json_schema): a grammar masks the target's logits at every position (actors/grammar.py).
-    response_format: dict | None = None
-
-    @property
-    def penalized(self) -> bool:
-        """Whether the target's logits need processing beyond min_tokens (which lapses once met)."""
-        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias)
-
-    def validate(self) -> None:
-        if self.max_tokens < 1:
-            raise RequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not 0.0 <= self.temperature <= 2.0:
-            raise RequestError(f"temperature must be in [0, 2], got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise RequestError(f"top_k must be >= 0, got {self.top_k}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise RequestError(f"top_logprobs must be in [0, 20], got {self.logprobs}")
-        for name in ("frequency_penalty", "presence_penalty"):
-            if not -2.0 <= getattr(self, name) <= 2.0:
-                raise RequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if not self.repetition_penalty > 0.0:
-            raise RequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        for tok, bias in (self.logit_bias or {}).items():
-            if not isinstance(tok, int) or tok < 0:
-                raise RequestError(f"logit_bias keys must be token ids (ints >= 0), got {tok!r}")
-            if not -100.0 <= bias <= 100.0:
-                raise RequestError(f"logit_bias values must be in [-100, 100], got {bias} for token {tok}")
-        if not 0 <= self.min_tokens <= self.max_tokens:
-            raise RequestError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise RequestError(f"min_p must be in [0, 1], got {self.min_p}")
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    target_forwards: int = 0
-    elapsed_s: float = 0.0
-    drafter_version: str | None = None
-    finish_reason: str | None = None
-    # Per draft source: [rounds, drafted, accepted] ("none": rounds that drafted nothing).
-    sources: dict = field(default_factory=lambda: {s: [0, 0, 0] for s in SOURCES})
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def tokens_per_step(self) -> float:
-        return self.completion_tokens / self.target_forwards if self.target_forwards else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.completion_tokens / self.elapsed_s if self.elapsed_s else 0.0
-
-    def as_dict(self) -> dict:
-        return {"acceptance_rate": round(self.acceptance_rate, 4), "drafted": self.drafted,
-                "accepted": self.accepted, "tokens_per_step": round(self.tokens_per_step, 4),
-                "tokens_per_s": round(self.tokens_per_s, 3), "drafter_version": self.drafter_version,
-                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "finish_reason": self.finish_reason, "draft_sources": self.source_dict()}
-
-    def source_dict(self) -> dict:
-        return {s: {"rounds": r, "drafted": d, "accepted": a} for s, (r, d, a) in self.sources.items()}
-
-
-@dataclass
-class RoundRecord:
-    """What a verification round teaches the drafter (sent to ``round_observer``): every round with a
-    rejection, and a coverage round now and then (``record_coverage``).
-
-    ``context`` ends with the pending token; the drafts followed it; ``accepted`` of them were kept. If
-    ``accepted < len(drafts)`` the first rejected one sat at draft position ``accepted``; otherwise nothing was
-    rejected (all accepted, or no drafts). Either way the target chose ``target_token`` at position
-    ``accepted``, with top-k log-probabilities ``topk_ids`` / ``topk_logprobs`` there."""
-    context: list[int]
-    drafts: list[int]
-    accepted: int
-    target_token: int
-    topk_ids: list[int]
-    topk_logprobs: list[float]
-    drafter_version: str | None
-    temperature: float = 0.0  # the request's: tells the trainer which divergence suits this traffic
-    source: str = "model"     # who drafted: "model", "suffix", or "none" (a coverage record of plain decoding)
-    constrained: bool = False  # a structured request: the target's choice was grammar-masked (its top-k is not)
-    request: object = None    # the caller's tag of the request (not sent to the stream)
-
-
-@dataclass
-class Generation:
-    token_ids: list[int]
-    text: str
-    stats: GenerationStats
-
-
-class DraftController:
-    """Chooses each round's maximum draft length from the estimated acceptance and the measured costs
-    (kernels.draft_length), probing with a single draft now and then while plain decoding is cheaper, so that
-    an improving drafter is noticed."""
-
-    def __init__(self, cfg: SpeculationConfig):
-        self.cfg = cfg
-        self.reset()
-        # Seconds per target forward over n tokens, index n - 1 (set by SpeculativeEngine.calibrate).
-        self.verify_cost = [1.0] * (cfg.max_draft + 1)
-        self.draft_cost = 0.05  # one drafter token for one row
-        self.draft_scale = 1.0  # per-row drafter cost in the current batch / draft_cost (batching shares it)
-
-    def reset(self) -> None:
-        self.alpha = self.cfg.acceptance_prior
-        # Accepted tokens per draft slot offered, over every round planned for the model (AdaEDL's early stops
-        # count as 0): what a slot of a batch's width really yields, where alpha is per token actually drafted.
-        self.slot_yield = self.cfg.acceptance_prior
-        self.adaedl = AdaEDLState(lam=self.cfg.adaedl_lambda, acceptance=self.cfg.acceptance_prior)
-        self.plain_steps = 0
-        self.probe_interval = self.cfg.probe_interval
-        self.probing = False
-
-    @property
-    def entropy_threshold(self) -> float | None:
-        return self.adaedl.lam if self.cfg.mode == "adaedl" else None
-
-    def draft_cap(self) -> int:
-        if self.cfg.mode == "fixed":
-            return self.cfg.fixed_k
-        if not self.cfg.cost_aware:
-            return self.cfg.max_draft
-        k, _ = best_draft_length(self.alpha, self.draft_cost * self.draft_scale, self.verify_cost,
-                                 self.cfg.max_draft)
-        self.probing = False
-        if k == 0:
-            self.plain_steps += 1
-            if self.plain_steps >= self.probe_interval:
-                self.plain_steps, self.probing = 0, True
-                return 1
-        return k
-
-    def observe_slots(self, cap: int, accepted: int) -> None:
-        if cap > 0:
-            ema = self.cfg.acceptance_ema
-            self.slot_yield = ema * self.slot_yield + (1 - ema) * accepted / cap
-
-    def observe(self, drafted: int, accepted: int, cap: int) -> None:
-        if drafted == 0:
-            return
-        ema = self.cfg.acceptance_ema
-        self.alpha = ema * self.alpha + (1 - ema) * accepted / drafted
-        self.adaedl = adaedl_update(self.adaedl, drafted, accepted, cap)
-        if self.probing:
-            grow = accepted == 0
-            self.probe_interval = min(self.probe_interval * 2, self.cfg.probe_interval_max) if grow \
-                else self.cfg.probe_interval
-
 
 @dataclass
 class _Sequence:

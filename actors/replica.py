@@ -23,7 +23,7 @@ import time
 import uuid
 from typing import AsyncIterator, Callable, Iterator
 
-from onspec.actors.engine import GenerationStats, RequestError, SamplingParams
+from onspec.actors.requests import GenerationStats, RequestError, SamplingParams
 from onspec.actors.config import OnspecConfig
 
 def error_event(message: str, param: str | None = None, code: str | None = None, status: int = 400,

@@ -16,7 +16,7 @@ from onspec.cluster.cli_args import (CLIError, common_flags, config_from_args, e
 
 
 def cmd_generate(args) -> int:
-    from onspec.actors.engine import RequestError, SamplingParams
+    from onspec.actors.requests import RequestError, SamplingParams
     from onspec.actors.prompts import read_prompts
 
     specs = read_prompts(args.prompts_file)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-from onspec.actors.engine import GenerationStats, RequestError
+from onspec.actors.requests import GenerationStats, RequestError
 from onspec.actors.replica import Replica
 from onspec.actors.config import OnspecConfig
 

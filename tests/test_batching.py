@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from onspec.actors.engine import SamplingParams
+from onspec.actors.requests import SamplingParams
 from onspec.actors.replica import Replica
 from onspec.actors.config import OnspecConfig
 from tests.conftest import tiny_engine

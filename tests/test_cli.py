@@ -121,6 +121,18 @@ def test_bench_quality_json(prompts_file, capsys):
     assert abs(bf16["perplexity_vs_fp32_pct"]) < 10 and bf16["forward_1_ms"] > 0
 
 
+def test_bench_forward_times_the_engines_own_forward(capsys):
+    assert main(["bench", "forward", "--reps", "1", "--data-dir", str(DATA_DIR)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["linear"]) == set(out["skinny"]) == {"1", "2", "3", "4", "5", "7", "9"}
+    assert all(ms > 0 for ms in out["linear"].values()) and out["ratio_to_one_token"]["linear"]["1"] == 1.0
+
+
+def test_bench_decode_refuses_an_unreadable_response_format(capsys):
+    assert main(["bench", "decode", "--response-format", "/nonexistent/schema.json"]) == 2
+    assert "--response-format" in capsys.readouterr().err
+
+
 def test_bench_quality_refuses_bad_sizes(capsys):
     assert main(["bench", "quality", "--tokens", "10", "--window", "64"]) == 2
     assert "--tokens" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 import torch
 
-from onspec.actors.engine import SamplingParams
+from onspec.actors.requests import SamplingParams
 from onspec.actors.offline_distill import count_generated_tokens, distill, teacher_targets
 from tests.conftest import tiny_engine
 

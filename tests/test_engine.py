@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from onspec.actors.engine import RequestError, SamplingParams
+from onspec.actors.requests import RequestError, SamplingParams
 from onspec.actors.row_cache import RowCache, body_forward
 from tests.conftest import tiny_engine, tiny_target
 
@@ -213,7 +213,7 @@ def test_a_drafter_handed_over_mid_request_is_taken_between_rounds():
     expected = eng.generate([5, 6, 7], SamplingParams(max_tokens=30), speculate=False).token_ids
     stats_versions = []
     out = []
-    from onspec.actors.engine import GenerationStats
+    from onspec.actors.requests import GenerationStats
     stats = GenerationStats()
     for i, chunk in enumerate(eng.stream([5, 6, 7], SamplingParams(max_tokens=30), True, stats)):
         out.extend(chunk)

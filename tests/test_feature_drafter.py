@@ -157,7 +157,7 @@ def client(module_redis_server):
 
 
 def _write_records(client, n, seed=0, vocab=96):
-    from onspec.actors.engine import RoundRecord
+    from onspec.actors.requests import RoundRecord
     from onspec.actors.stream_logger import encode_record
 
     rng = random.Random(seed)

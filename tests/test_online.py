@@ -4,7 +4,8 @@ fixed prompt set (target-generated continuations, never served) must rise, and t
 import pytest
 import redis
 
-from onspec.actors.engine import SamplingParams, SpeculativeEngine
+from onspec.actors.engine import SpeculativeEngine
+from onspec.actors.requests import SamplingParams
 from onspec.actors.models import derive_drafter, stop_token_ids
 from onspec.actors.registry import DrafterRegistry
 from onspec.actors.replica import Replica

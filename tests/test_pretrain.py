@@ -108,7 +108,7 @@ def test_the_shipped_base_drafter_keeps_outputs_identical_and_is_accepted(real_e
     """Greedy, drafting one token a round from the model alone on the packaged prompts: identical to the target
     alone, and its first-token acceptance clears a floor well under what BENCHMARKS.md measures on unseen
     prompts (0.2 here against 0.5+: the floor catches a broken base, not noise)."""
-    from onspec.actors.engine import SamplingParams
+    from onspec.actors.requests import SamplingParams
     from onspec.actors.prompts import packaged_prompts, read_prompts
 
     eng = real_engine

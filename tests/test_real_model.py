@@ -1,7 +1,7 @@
 """The engine on the real SmolLM2-135M-Instruct target."""
 import pytest
 
-from onspec.actors.engine import SamplingParams
+from onspec.actors.requests import SamplingParams
 from onspec.actors.models import derive_drafter
 
 pytestmark = pytest.mark.real_model

@@ -6,7 +6,7 @@ import time
 import pytest
 import redis
 
-from onspec.actors.engine import SamplingParams
+from onspec.actors.requests import SamplingParams
 from onspec.actors.models import initial_version
 from onspec.actors.replica import Replica
 from onspec.actors.stream_logger import StreamLogger, decode_record, encode_record

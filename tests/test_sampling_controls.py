@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from onspec.actors.engine import RequestError, SamplingParams, SpeculativeEngine
+from onspec.actors.engine import SpeculativeEngine
+from onspec.actors.requests import RequestError, SamplingParams
 from onspec.actors.models import derive_drafter
 from onspec.actors.config import SpeculationConfig
 from onspec.kernels.logits_processors import output_counts, process_logits

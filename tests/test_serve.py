@@ -8,7 +8,7 @@ import openai
 import pytest
 import redis
 
-from onspec.actors.engine import SamplingParams
+from onspec.actors.requests import SamplingParams
 from onspec.actors.models import initial_version
 from onspec.actors.stream_logger import SCHEMA_VERSION, decode_record
 from onspec.actors.config import OnspecConfig

@@ -5,7 +5,7 @@ import time
 import pytest
 import redis
 
-from onspec.actors.engine import RoundRecord
+from onspec.actors.requests import RoundRecord
 from onspec.actors.stream_logger import SCHEMA_VERSION, StreamLogger, decode_record, encode_record
 from onspec.cluster.redis_server import RedisServer
 

@@ -7,7 +7,7 @@ import json
 import jsonschema
 import pytest
 
-from onspec.actors.engine import RequestError, SamplingParams
+from onspec.actors.requests import RequestError, SamplingParams
 
 pytestmark = pytest.mark.real_model
 

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from onspec.actors.engine import SamplingParams
+from onspec.actors.requests import SamplingParams
 from onspec.actors.suffix_index import SuffixIndex
 from onspec.kernels.verify import rejection_verify
 from tests.conftest import tiny_engine

@@ -8,7 +8,7 @@ import pytest
 import redis
 import torch
 
-from onspec.actors.engine import RoundRecord
+from onspec.actors.requests import RoundRecord
 from onspec.actors.models import derive_drafter
 from onspec.actors.registry import DrafterRegistry
 from onspec.actors.stream_logger import encode_record

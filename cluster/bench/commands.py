@@ -31,6 +31,7 @@ def cmd_bench_decode(args) -> int:
     from onspec.actors.prompts import packaged_prompts, read_prompts
 
     specs = read_prompts(args.prompts_file or packaged_prompts())
+    response_format = _response_format(args.response_format)  # a bad one fails before the model loads
     cfg = config_from_args(args)
     engine = engine_from_config(cfg)
     log = (lambda row: print(json.dumps(row), file=sys.stderr, flush=True)) if not args.json else (lambda *_: None)
@@ -38,7 +39,7 @@ def cmd_bench_decode(args) -> int:
     drafters = _compare_drafters(args.compare_drafter or [], engine, cfg)
     result = bench_decode(engine, specs, args.max_tokens, repeats=args.repeats, sources=sources,
                           prompt_lookup=args.prompt_lookup, log=log, drafters=drafters,
-                          response_format=_response_format(args.response_format))
+                          response_format=response_format)
     if args.json:
         print(json.dumps(result))
     else:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import copy
 
-from onspec.actors.engine import DraftController, SamplingParams, SpeculativeEngine
+from onspec.actors.draft_control import DraftController
+from onspec.actors.engine import SpeculativeEngine
+from onspec.actors.requests import SamplingParams
 from onspec.actors.prompts import PromptSpec
 from onspec.kernels.draft_length import best_draft_length
 
@@ -228,26 +230,28 @@ def bench_forward(target, sizes=(1, 2, 3, 4, 5, 7, 9), reps: int = 5, context: i
     import time
 
     import torch
-    from transformers import DynamicCache
 
-    from onspec.actors.engine import rollback
+    from onspec.actors.row_cache import RowCache, body_forward
     from onspec.actors.skinny_linear import SkinnyLinear
 
     skinny = [m for m in target.modules() if isinstance(m, SkinnyLinear)]
+    body = target.model
     ctx = torch.arange(1, context + 1).unsqueeze(0)
     times = {"linear": {n: [] for n in sizes}, "skinny": {n: [] for n in sizes}}
     with torch.inference_mode():
-        cache = DynamicCache()
-        target(input_ids=ctx, cache=cache, use_cache=True)
+        # The engine's own path: a position-indexed cache holding the context; each measured forward writes
+        # past it, and the next one overwrites the same positions (a rejection only moves a length).
+        cache = RowCache(body, 1, context + max(sizes))
+        body_forward(body, body.embed_tokens(ctx), cache, 0, torch.tensor([0]))
+        held = torch.tensor([context])
         for _ in range(reps):
             for mode in ("linear", "skinny"):
                 for m in skinny:
                     m.__class__ = SkinnyLinear if mode == "skinny" else torch.nn.Linear
                 for n in sizes:
                     t = time.perf_counter()
-                    target(input_ids=ctx[:, :n], cache=cache, use_cache=True).logits.sum().item()
+                    target.lm_head(body_forward(body, body.embed_tokens(ctx[:, :n]), cache, 0, held)).sum().item()
                     times[mode][n].append(time.perf_counter() - t)
-                    rollback(cache, context)
         for m in skinny:
             m.__class__ = SkinnyLinear
     med = {mode: {n: statistics.median(v) * 1000 for n, v in d.items()} for mode, d in times.items()}

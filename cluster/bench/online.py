@@ -77,7 +77,7 @@ class Traffic:
 
 def measure(engine, specs: list[PromptSpec], max_tokens: int, accept_k: int) -> dict:
     """Acceptance at a fixed draft length, and speculative vs target-only tokens/s side by side."""
-    from onspec.actors.engine import SamplingParams
+    from onspec.actors.requests import SamplingParams
     from onspec.cluster.bench.decode import bench_decode
 
     speed = bench_decode(engine, specs, max_tokens)

@@ -34,7 +34,8 @@ def _score(target, windows: list[list[int]]) -> tuple[float, torch.Tensor]:
 
 def bench_quality(cfg: OnspecConfig, specs: list[PromptSpec], precisions: list[str], tokens: int = 8192,
                   window: int = 256, max_tokens: int = 32, log=lambda *_: None) -> dict:
-    from onspec.actors.engine import SamplingParams, SpeculativeEngine
+    from onspec.actors.engine import SpeculativeEngine
+    from onspec.actors.requests import SamplingParams
     from onspec.actors.pretrain import local_windows
 
     rows, ref = [], None

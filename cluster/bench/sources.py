@@ -33,7 +33,8 @@ def bench_sources(cfg: OnspecConfig, phase: Path, steps: int = 60, eval_prompts:
                   traffic_prompts: int = 16, log=lambda *_: None) -> dict:
     import redis
 
-    from onspec.actors.engine import SamplingParams, SpeculativeEngine
+    from onspec.actors.engine import SpeculativeEngine
+    from onspec.actors.requests import SamplingParams
     from onspec.actors.models import make_drafter, stop_token_ids
     from onspec.actors.registry import DrafterRegistry
     from onspec.actors.replica import Replica
