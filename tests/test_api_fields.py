@@ -116,3 +116,12 @@ def test_echo_scores_the_prompt(client):
     assert chunks[0]["choices"][0]["text"] == "ab"
     assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == full["choices"][0]["text"]
     assert client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 0}).status_code == 400
+
+
+def test_structured_requests_are_counted_apart_in_the_metrics(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object"}}}
+    assert client.post("/v1/chat/completions", json={**CHAT, "response_format": fmt}).status_code == 200
+    assert client.post("/v1/chat/completions", json={**CHAT, "response_format": {"type": "text"}}).status_code == 200
+    text = client.get("/metrics").text
+    assert 'onspec_spec_draft_tokens_by_output_total{output="structured"}' in text
+    assert 'onspec_spec_accepted_tokens_by_output_total{output="text"}' in text

@@ -45,6 +45,12 @@ class Metrics:
         self.completion_tokens = Counter("onspec_completion_tokens", "generated tokens", ["label"], registry=r)
         self.drafted = Counter("onspec_spec_draft_tokens", "drafted tokens", ["label"], registry=r)
         self.accepted = Counter("onspec_spec_accepted_tokens", "accepted draft tokens", ["label"], registry=r)
+        # Structured requests (response_format, tool calls) verify against a grammar-masked target: their
+        # acceptance is counted apart so that it is not mistaken for the drafter's on free text.
+        self.output_drafted = Counter("onspec_spec_draft_tokens_by_output", "drafted tokens by output: "
+                                      "structured (grammar-masked) or text", ["output"], registry=r)
+        self.output_accepted = Counter("onspec_spec_accepted_tokens_by_output", "accepted draft tokens by output: "
+                                       "structured (grammar-masked) or text", ["output"], registry=r)
         self.cancelled = Counter("onspec_requests_cancelled", "streams the client left early", registry=r)
         self.retried = Counter("onspec_requests_retried", "requests sent again to another replica after theirs "
                                                           "failed before streaming a token", registry=r)
@@ -90,9 +96,13 @@ class Metrics:
     def version(self, version: str | None) -> str:
         return _bounded(version, self._versions, MAX_METRIC_VERSIONS) if version else "none"
 
-    def finished(self, label: str | None, usage: dict, replica: dict | None) -> tuple[str, str]:
+    def finished(self, label: str | None, usage: dict, replica: dict | None,
+                 structured: bool = False) -> tuple[str, str]:
         """Count a finished request; returns the (drafter_version, label) series it went to."""
         lab, ver = self.label(label), self.version(usage.get("drafter_version"))
+        output = "structured" if structured else "text"
+        self.output_drafted.labels(output).inc(usage["drafted_tokens"])
+        self.output_accepted.labels(output).inc(usage["accepted_tokens"])
         self.prompt_tokens.labels(lab).inc(usage["prompt_tokens"])
         self.completion_tokens.labels(lab).inc(usage["completion_tokens"])
         self.drafted.labels(lab).inc(usage["drafted_tokens"])

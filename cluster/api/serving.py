@@ -109,8 +109,9 @@ class OpenAIServing:
         self.cfg, self.backend, self.metrics, self.history = cfg, backend, metrics, history
         self.model_name = cfg.server.served_model_name or cfg.model.name
 
-    def record(self, label: str | None, usage: dict, replica: dict | None, t0: float) -> None:
-        version, lab = self.metrics.finished(label, usage, replica)
+    def record(self, label: str | None, usage: dict, replica: dict | None, t0: float,
+               structured: bool = False) -> None:
+        version, lab = self.metrics.finished(label, usage, replica, structured)
         self.history.add(version, lab, usage, verification_steps(usage), time.perf_counter() - t0)
 
     def check_model(self, model: str | None) -> None:
@@ -236,7 +237,7 @@ class OpenAIServing:
                 self.metrics.requests.labels(endpoint, str(res["status"])).inc()
                 return self.refusal(res["status"], res["error"])
         for res in results:
-            self.record(req.label, res["usage"], res.get("replica"), t0)
+            self.record(req.label, res["usage"], res.get("replica"), t0, payload.get("response_format") is not None)
         self.metrics.requests.labels(endpoint, "200").inc()
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
         return render.full(results, merge_usage([r["usage"] for r in results]))
@@ -299,7 +300,8 @@ class OpenAIServing:
                     elif ev["type"] == "end":
                         ended.add(i)
                         usages.append(ev["usage"])
-                        self.record(req.label, ev["usage"], ev.get("replica"), t0)
+                        self.record(req.label, ev["usage"], ev.get("replica"), t0,
+                                    payloads[i].get("response_format") is not None)
                         for chunk in render.finish(ev["finish_reason"], i):
                             yield sse(chunk)
                     elif ev["type"] == "error":
