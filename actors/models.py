@@ -42,7 +42,9 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    """The float type the model loads in (int4 replaces the linears afterwards; the rest stays fp32)."""
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+            "int4": torch.float32}[name]
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -93,6 +95,12 @@ def load_target(cfg: ModelConfig, data_dir: Path):
     folder = converted_model_dir(cfg, data_dir)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=_dtype(cfg.dtype), local_files_only=True)
     model.to(cfg.device).eval().requires_grad_(False)
+    if cfg.dtype == "int4":
+        from onspec.actors.int4_linear import use_gguf_int4
+        try:
+            use_gguf_int4(model, Path(cfg.gguf_path) if cfg.gguf_path else default_gguf_path())
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
     if cfg.skinny_linear:
         use_skinny_linear(model)
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)

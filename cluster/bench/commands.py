@@ -260,7 +260,7 @@ def add_bench_parsers(sub) -> None:
     bq = bench("quality", cmd_bench_quality,
                help="each target precision against fp32: perplexity on held-out text, argmax and greedy agreement, "
                     "forward cost")
-    bq.add_argument("--precision", action="append", choices=["float32", "bfloat16", "float16"],
+    bq.add_argument("--precision", action="append", choices=["float32", "bfloat16", "float16", "int4"],
                     help="repeat for several (default float32 and bfloat16); fp32 is always the reference")
     bq.add_argument("--tokens", type=int, default=8192, help="held-out tokens scored")
     bq.add_argument("--window", type=int, default=256)

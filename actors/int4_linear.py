@@ -1,0 +1,113 @@
+"""4-bit weight-only linears over the GGUF file's own Q4_1 blocks (``model.dtype: int4``).
+
+The default target ships as Q4_1: every decoder linear is stored in blocks of 32 weights along the input
+dimension, each block a half-precision scale d and minimum m and 32 four-bit codes q, w = d * q + m (ggml's
+Q4_1). Core torch's group-wise 4-bit CPU matmul (``aten._weight_int4pack_mm_for_cpu``, the kernel gpt-fast's
+int4 path uses) computes x @ ((q - 8) * s + z)^T per group of 32, so with s = d and z = m + 8 d it serves those
+very codes: no second rounding of the weights. Its scales and activations are bfloat16 inside the matmul
+(so d and m are rounded to bf16 there); everything around the linears (norms, attention, the residual stream,
+the head) stays in the model's fp32. Reading 4.5 bits instead of 32 per weight is the point: decoding is
+memory-bound (BENCHMARKS.md, "4-bit target").
+
+The kernel computes each row of x on its own (checked: a row's result does not depend on the rows beside it),
+so a k-token verification and k single steps give the same logits, and speculation stays identical to
+target-only decoding at this precision.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+GROUP = 32                      # weights per Q4_1 block
+BLOCK_BYTES = 2 + 2 + GROUP // 2  # fp16 d, fp16 m, 16 bytes of nibbles
+
+
+def q4_1_codes(raw: np.ndarray, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Q4_1 tensor's rows ``raw`` [N, blocks * 20] (uint8, as gguf's reader gives them) as codes q [N, K]
+    (0..15), scales d and minimums m [N, K / 32] (fp32, exactly the file's fp16 values). In a block, byte j
+    holds weight j in its low nibble and weight j + 16 in its high one (ggml's dequantize_row_q4_1)."""
+    n, blocks = raw.shape[0], in_features // GROUP
+    b = np.ascontiguousarray(raw).reshape(n, blocks, BLOCK_BYTES)
+    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = b[..., 4:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, in_features)
+    return torch.from_numpy(q.astype(np.int32)), torch.from_numpy(d), torch.from_numpy(m)
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T with W = d * q + m per block of 32 inputs, on torch's int4 CPU matmul (bf16 inside)."""
+
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+        # (q - 8) * s + z == d * q + m with s = d, z = m + 8 d; the kernel takes [K / 32, N, 2].
+        sz = torch.stack([d.t(), (m + 8 * d).t()], dim=-1).contiguous()
+        self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16))
+        self.register_buffer("q", q.to(torch.uint8), persistent=False)  # for dequantized(): tests, the drafter
+        self.register_buffer("d", d, persistent=False)
+        self.register_buffer("m", m, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed,
+                                              GROUP, self.scales_and_zeros)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The file's weights in fp32: d * q + m, block by block."""
+        n, k = self.out_features, self.in_features
+        q = self.q.float().view(n, k // GROUP, GROUP)
+        return (self.d[..., None] * q + self.m[..., None]).view(n, k)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, Q4_1 blocks of {GROUP}"
+
+
+# GGUF tensor names of a Llama block's linears -> the transformers module path under model.layers[i]
+LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+           "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+           "ffn_down": "mlp.down_proj"}
+
+
+def _hf_row_order(rows: int, heads: int) -> np.ndarray:
+    """Which GGUF row each transformers row of attn_q / attn_k is: llama.cpp's converter interleaves the rotary
+    halves of every head; transformers' loader undoes it (LlamaTensorProcessor._reverse_permute_weights)."""
+    dim = rows // heads // 2
+    return np.arange(rows).reshape(heads, dim, 2).swapaxes(2, 1).reshape(rows)
+
+
+def use_gguf_int4(model: nn.Module, gguf_path: Path) -> int:
+    """Replace every decoder linear stored as Q4_1 in ``gguf_path`` by an Int4Linear over its blocks; returns
+    how many were replaced (the others keep their float weights)."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    if not hasattr(torch, "_weight_int4pack_mm_for_cpu") or next(model.parameters()).device.type != "cpu":
+        raise ValueError("model.dtype int4 needs torch's int4 CPU matmul and a CPU target")
+    cfg = model.config
+    layers = model.model.layers
+    done = 0
+    for t in GGUFReader(str(gguf_path)).tensors:
+        parts = t.name.split(".")  # blk.<i>.<kind>.weight
+        if len(parts) != 4 or parts[0] != "blk" or parts[2] not in LINEARS:
+            continue
+        if t.tensor_type != GGMLQuantizationType.Q4_1:
+            continue
+        owner, attr = layers[int(parts[1])], LINEARS[parts[2]]
+        *path, name = attr.split(".")
+        for p in path:
+            owner = getattr(owner, p)
+        old = getattr(owner, name)
+        if old.bias is not None or old.out_features % 16 or old.in_features % GROUP:  # what the kernel packs
+            continue
+        q, d, m = q4_1_codes(np.asarray(t.data), old.in_features)
+        if parts[2] in ("attn_q", "attn_k"):
+            heads = cfg.num_attention_heads if parts[2] == "attn_q" else cfg.num_key_value_heads
+            order = torch.from_numpy(_hf_row_order(q.shape[0], heads))
+            q, d, m = q[order], d[order], m[order]
+        setattr(owner, name, Int4Linear(q, d, m))
+        done += 1
+    return done

@@ -1,0 +1,60 @@
+"""model.dtype int4: the target's decoder linears on the GGUF file's own Q4_1 blocks (actors/int4_linear.py)."""
+import numpy as np
+import pytest
+import torch
+
+from onspec.actors.config import OnspecConfig
+from onspec.actors.int4_linear import GROUP, Int4Linear, q4_1_codes
+from onspec.actors.requests import SamplingParams
+from tests.conftest import DATA_DIR
+
+
+def test_q4_1_blocks_decode_as_ggml_does():
+    """One hand-made block: d = 0.5, m = -1, byte j = (code j) | (code j + 16) << 4."""
+    codes = np.arange(32) % 16
+    block = np.concatenate([np.array([0.5, -1.0], dtype=np.float16).view(np.uint8),
+                            (codes[:16] | (codes[16:] << 4)).astype(np.uint8)])
+    q, d, m = q4_1_codes(np.tile(block, (16, 1)), GROUP)  # the kernel packs 16 rows at a time
+    assert q[0].tolist() == codes.tolist() and d[0].item() == 0.5 and m[0].item() == -1.0
+    lin = Int4Linear(q, d, m)
+    assert torch.equal(lin.dequantized()[0], torch.tensor(0.5 * codes - 1.0, dtype=torch.float32))
+
+
+def test_int4_rows_do_not_depend_on_their_neighbours():
+    """What keeps speculation identical at this precision: a k-token verification computes each position as a
+    single step would."""
+    g = torch.Generator().manual_seed(0)
+    lin = Int4Linear(torch.randint(0, 16, (64, 96), generator=g), torch.rand(64, 3, generator=g) / 10,
+                     -torch.rand(64, 3, generator=g) / 10)
+    x = torch.randn(7, 96, generator=g)
+    full = lin(x)
+    assert all(torch.equal(full[i:i + 1], lin(x[i:i + 1])) for i in range(7))
+    ref = x @ lin.dequantized().t()
+    assert (full - ref).abs().max() < 0.05 * ref.abs().max()  # bf16 inside the matmul
+
+
+@pytest.fixture(scope="module")
+def int4_engine():
+    from onspec.actors.engine import SpeculativeEngine
+
+    return SpeculativeEngine.from_config(OnspecConfig(data_dir=DATA_DIR).merged(**{"model.dtype": "int4"}))
+
+
+@pytest.mark.real_model
+def test_int4_serves_exactly_the_files_weights(int4_engine, real_engine):
+    lins = [m for m in int4_engine.target.modules() if isinstance(m, Int4Linear)]
+    assert len(lins) == 7 * int4_engine.target.config.num_hidden_layers
+    ref = dict(real_engine.target.named_modules())
+    for name, m in int4_engine.target.named_modules():
+        if isinstance(m, Int4Linear):
+            assert torch.equal(m.dequantized(), ref[name].weight.float()), name
+
+
+@pytest.mark.real_model
+def test_int4_speculation_equals_int4_target_alone(int4_engine, real_engine):
+    for prompt in ("def quicksort(items):", "Write a haiku about the sea."):
+        ids = int4_engine.encode(messages=[{"role": "user", "content": prompt}])
+        params = SamplingParams(max_tokens=40, temperature=0.0)
+        spec = int4_engine.generate(ids, params, speculate=True)
+        assert spec.token_ids == int4_engine.generate(ids, params, speculate=False).token_ids
+        assert spec.stats.drafted > 0
