@@ -9,9 +9,11 @@ very codes: no second rounding of the weights. Its scales and activations are bf
 the head) stays in the model's fp32. Reading 4.5 bits instead of 32 per weight is the point: decoding is
 memory-bound (BENCHMARKS.md, "4-bit target").
 
-The kernel computes each row of x on its own (checked: a row's result does not depend on the rows beside it),
-so a k-token verification and k single steps give the same logits, and speculation stays identical to
-target-only decoding at this precision.
+Speculation stays identical to target-only decoding at this precision: the kernel computes each row of x on its
+own (a row's result does not depend on the rows beside it), and the target's position-indexed caches compute
+each query's attention alone over exactly its keys (``exact_attention``, actors/row_cache.py), so a k-token
+verification gives bitwise the hidden states of k single steps. (In fp32 a batched attention's last-bit
+differences stay last-bit; bf16 rounding of the next matmul's input would make them visible.)
 """
 from __future__ import annotations
 
@@ -110,4 +112,7 @@ def use_gguf_int4(model: nn.Module, gguf_path: Path) -> int:
             q, d, m = q[order], d[order], m[order]
         setattr(owner, name, Int4Linear(q, d, m))
         done += 1
+    # The kernel rounds its inputs to bf16, which turns the last-bit differences of batched attention into
+    # visible ones: the position-indexed caches then compute each query's attention alone (row_cache.py).
+    model.model.exact_attention = done > 0
     return done

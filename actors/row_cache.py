@@ -29,6 +29,9 @@ class RowCache:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         p = next(body.parameters())
         self.dtype, self.device = p.dtype, p.device
+        # Attention of each query over exactly the keys it sees, as a single step computes it (set on bodies
+        # whose rounding would amplify the last-bit differences of a batched kernel: actors/int4_linear.py).
+        self.exact = bool(getattr(body, "exact_attention", False))
         self.slots, self.max_capacity = slots, max_capacity
         self.capacity = 0
         self.k: list[torch.Tensor] = []
@@ -68,14 +71,28 @@ def body_forward(body, embeds: torch.Tensor, cache: RowCache, start: int, length
     keys = torch.arange(span, device=embeds.device)
     mask = keys[None, None, None, :] <= pos[:, None, :, None]           # [b, 1, T, span]: causal per row
     where = pos[:, None, :, None].expand(b, cache.kv_heads, T, cache.head_dim)
+    spans = (pos + 1).tolist() if cache.exact else None
     h = embeds
     for i, layer in enumerate(body.layers):
         h = _layer(layer, h, cos, sin, cache.k[i][start:start + b], cache.v[i][start:start + b], where, mask,
-                   span, cache.head_dim)
+                   span, cache.head_dim, spans)
     return body.norm(h)
 
 
-def _layer(layer, h, cos, sin, K, V, where, mask, span, head_dim):
+def _attention(q, K, V, mask, span, spans):
+    """Scaled dot-product attention over the rows' keys. ``spans`` [b][T] (exact mode): each query alone over
+    exactly its keys 0..spans-1, so that its result is bitwise what a one-token step of that row computes
+    (a batched kernel's reduction order depends on the shapes around it)."""
+    gqa = q.shape[1] != K.shape[1]
+    if spans is None:
+        return F.scaled_dot_product_attention(q, K[:, :, :span], V[:, :, :span], attn_mask=mask, enable_gqa=gqa)
+    return torch.cat([torch.cat([
+        F.scaled_dot_product_attention(q[r:r + 1, :, t:t + 1], K[r:r + 1, :, :n], V[r:r + 1, :, :n],
+                                       attn_mask=mask[r:r + 1, :, t:t + 1, :n], enable_gqa=gqa)
+        for t, n in enumerate(row)], dim=2) for r, row in enumerate(spans)])
+
+
+def _layer(layer, h, cos, sin, K, V, where, mask, span, head_dim, spans=None):
     """One decoder layer (pre-norm attention + MLP, as LlamaDecoderLayer) reading and writing rows K, V."""
     attn = layer.self_attn
     b, T, _ = h.shape
@@ -86,7 +103,6 @@ def _layer(layer, h, cos, sin, K, V, where, mask, span, head_dim):
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     K.scatter_(2, where, k.to(K.dtype))
     V.scatter_(2, where, v.to(V.dtype))
-    o = F.scaled_dot_product_attention(q, K[:, :, :span], V[:, :, :span], attn_mask=mask,
-                                       enable_gqa=q.shape[1] != K.shape[1])
+    o = _attention(q, K, V, mask, span, spans)
     h = h + attn.o_proj(o.transpose(1, 2).reshape(b, T, -1))
     return h + layer.mlp(layer.post_attention_layernorm(h))

@@ -58,3 +58,17 @@ def test_int4_speculation_equals_int4_target_alone(int4_engine, real_engine):
         spec = int4_engine.generate(ids, params, speculate=True)
         assert spec.token_ids == int4_engine.generate(ids, params, speculate=False).token_ids
         assert spec.stats.drafted > 0
+
+
+@pytest.mark.real_model
+def test_int4_requests_in_a_batch_get_what_they_get_alone(int4_engine):
+    prompts = ["def is_prime(n):", "List three colours.", "class Stack:"]
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    ids = [int4_engine.encode(messages=[{"role": "user", "content": p}]) for p in prompts]
+    solo = [int4_engine.generate(i, params, speculate=False).token_ids for i in ids]
+    seqs = [int4_engine.submit(i, params) for i in ids]
+    out = {id(s): [] for s in seqs}
+    while int4_engine.busy:
+        for s in int4_engine.step():
+            out[id(s)] += s.new
+    assert [out[id(s)] for s in seqs] == solo
