@@ -73,7 +73,7 @@ def test_lint(helm):
                    timeout=120)
 
 
-@pytest.mark.parametrize("bad", ["onspec.speculation.mode=bogus", "onspec.model.dtype=int4",
+@pytest.mark.parametrize("bad", ["onspec.speculation.mode=bogus", "onspec.model.dtype=int8",
                                  "onspec.server.replicas=0", "redis.mode=sentinel", "onspec.data_dir=/x",
                                  "onspec.trainer.lr=fast"])
 def test_wrong_values_fail(helm, bad):
