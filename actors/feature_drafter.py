@@ -24,6 +24,7 @@ import copy
 import torch
 from torch import nn
 
+from onspec.actors.int4_linear import float_state_dict
 from onspec.actors.models import base_version, default_token_counts
 from onspec.actors.skinny_linear import use_skinny_linear
 from onspec.kernels.vocab_trim import select_kept_ids
@@ -109,7 +110,7 @@ def derive_feature_drafter(target, layers: int, vocab_keep: int, counts: torch.T
     hidden = target.config.hidden_size
     with torch.no_grad():
         for i in range(layers):
-            drafter.body.layers[i].load_state_dict(src.layers[first + i].state_dict())
+            drafter.body.layers[i].load_state_dict(float_state_dict(src.layers[first + i]))
         drafter.body.norm.load_state_dict(src.norm.state_dict())
         # A post-norm feature is w * x / rms(x): its RMS is about the norm weight's RMS (1.83 here, against
         # 0.136 for the embedding rows: feature_scale 0.074 on SmolLM2-135M).

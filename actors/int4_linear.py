@@ -116,3 +116,16 @@ def use_gguf_int4(model: nn.Module, gguf_path: Path) -> int:
     # visible ones: the position-indexed caches then compute each query's attention alone (row_cache.py).
     model.model.exact_attention = done > 0
     return done
+
+
+def float_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s state dict with every Int4Linear as the plain fp32 weight it serves (what a drafter that
+    copies the target's layers, or anything expecting nn.Linear weights, loads)."""
+    state = module.state_dict()
+    for path, sub in module.named_modules():
+        if isinstance(sub, Int4Linear):
+            prefix = f"{path}." if path else ""
+            state.pop(prefix + "packed", None)
+            state.pop(prefix + "scales_and_zeros", None)
+            state[prefix + "weight"] = sub.dequantized()
+    return state

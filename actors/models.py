@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from onspec.actors.int4_linear import float_state_dict
 from onspec.actors.config import ModelConfig
 from onspec.actors.skinny_linear import use_skinny_linear
 from onspec.kernels.vocab_trim import select_kept_ids
@@ -44,7 +45,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def _dtype(name: str) -> torch.dtype:
     """The float type the model loads in (int4 replaces the linears afterwards; the rest stays fp32)."""
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-            "int4": torch.float32}[name]
+            "int4": torch.float32, "auto": torch.float32}[name]
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -95,7 +96,9 @@ def load_target(cfg: ModelConfig, data_dir: Path):
     folder = converted_model_dir(cfg, data_dir)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=_dtype(cfg.dtype), local_files_only=True)
     model.to(cfg.device).eval().requires_grad_(False)
-    if cfg.dtype == "int4":
+    # auto: int4 where it was measured to pay (the CPU); a file without Q4_1 linears simply stays fp32.
+    if cfg.dtype == "int4" or (cfg.dtype == "auto" and torch.device(cfg.device).type == "cpu"
+                               and hasattr(torch, "_weight_int4pack_mm_for_cpu")):
         from onspec.actors.int4_linear import use_gguf_int4
         try:
             use_gguf_int4(model, Path(cfg.gguf_path) if cfg.gguf_path else default_gguf_path())
@@ -183,7 +186,7 @@ def derive_drafter(target, layers: int, vocab_keep: int, counts: torch.Tensor | 
     src = target.model
     with torch.no_grad():
         for i in range(layers):
-            drafter.body.layers[i].load_state_dict(src.layers[i].state_dict())
+            drafter.body.layers[i].load_state_dict(float_state_dict(src.layers[i]))
         drafter.body.norm.load_state_dict(src.norm.state_dict())
         drafter.head.weight.copy_(target.get_output_embeddings().weight[kept])
     drafter.version = base_version("truncated")

@@ -79,11 +79,12 @@ def test_an_invalid_schema_is_refused_naming_response_format(real_engine):
 def test_records_of_a_structured_request_say_so(real_engine):
     records = []
     real_engine.round_observer = records.append
+    coverage, real_engine.record_coverage = real_engine.record_coverage, 4  # a record every few tokens
     try:
         ids = real_engine.encode(messages=[{"role": "user", "content": CASES[1][0]}])
         real_engine.generate(ids, SamplingParams(max_tokens=24, temperature=0.0, response_format=CASES[1][1]))
         real_engine.generate(ids, SamplingParams(max_tokens=24, temperature=0.0))
     finally:
-        real_engine.round_observer = None
+        real_engine.round_observer, real_engine.record_coverage = None, coverage
     flags = {r.constrained for r in records}
     assert flags == {True, False}
