@@ -126,6 +126,9 @@ def test_bench_forward_times_the_engines_own_forward(capsys):
     out = json.loads(capsys.readouterr().out)
     assert set(out["linear"]) == set(out["skinny"]) == {"1", "2", "3", "4", "5", "7", "9"}
     assert all(ms > 0 for ms in out["linear"].values()) and out["ratio_to_one_token"]["linear"]["1"] == 1.0
+    # the floor: the served int4 target reads its packed linears and the fp32 head (~180 MB) per token
+    assert 100 < out["weight_mb_per_token"] < 300 and out["bandwidth_gb_s"] > 0
+    assert out["floor_ms"] == pytest.approx(out["weight_mb_per_token"] / out["bandwidth_gb_s"], rel=0.02)
 
 
 def test_bench_decode_refuses_an_unreadable_response_format(capsys):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 
+import torch
+
 from onspec.actors.draft_control import DraftController
 from onspec.actors.engine import SpeculativeEngine
 from onspec.actors.requests import SamplingParams
@@ -255,5 +257,36 @@ def bench_forward(target, sizes=(1, 2, 3, 4, 5, 7, 9), reps: int = 5, context: i
         for m in skinny:
             m.__class__ = SkinnyLinear
     med = {mode: {n: statistics.median(v) * 1000 for n, v in d.items()} for mode, d in times.items()}
+    mb, gbs = weight_bytes_per_token(target) / 1e6, memory_bandwidth_gbs()
+    floor = mb / gbs  # ms: every weight read once per token, at the rate this machine streams memory
     return {mode: {str(n): round(ms, 1) for n, ms in d.items()} for mode, d in med.items()} | {
-        "ratio_to_one_token": {mode: {str(n): round(d[n] / d[sizes[0]], 2) for n in sizes} for mode, d in med.items()}}
+        "ratio_to_one_token": {mode: {str(n): round(d[n] / d[sizes[0]], 2) for n in sizes} for mode, d in med.items()},
+        "weight_mb_per_token": round(mb, 1), "bandwidth_gb_s": round(gbs, 1), "floor_ms": round(floor, 1),
+        "forward_1_vs_floor": round(med["skinny"][sizes[0]] / floor, 2)}
+
+
+def weight_bytes_per_token(target) -> int:
+    """Bytes of weights one decoding step reads: every linear (packed 4-bit codes and their scales, or float
+    weights) and norm; the input embedding contributes one row, left out."""
+    from onspec.actors.int4_linear import Int4Linear
+
+    total = 0
+    for m in target.modules():
+        if isinstance(m, Int4Linear):
+            total += sum(b.numel() * b.element_size() for b in (m.packed, m.scales_and_zeros))
+        elif isinstance(m, torch.nn.Linear) or type(m).__name__.endswith("RMSNorm"):
+            total += m.weight.numel() * m.weight.element_size()
+    return total
+
+
+def memory_bandwidth_gbs(mib: int = 512, reps: int = 3) -> float:
+    """GB/s at which this machine reads memory: the best of ``reps`` sums over a buffer far larger than cache."""
+    import time
+
+    x = torch.ones(mib * 2**20 // 4)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        x.sum().item()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
