@@ -672,10 +672,11 @@ class SpeculativeEngine:
         """(q, token) of one draft position after ``drafts``: the drafter's distribution and its greedy or
         sampled token (under the request's grammar, at its state after ``drafts``, when it has one)."""
         p = seq.params
-        controlled = self._controlled(seq) or grammar is not None
+        processed = self._controlled(seq)
+        controlled = processed or grammar is not None
         if controlled:  # q under the target's controls too: more of its drafts survive verification against p
             logits = to_full_logits(logits, kept, self.vocab_size)[None]
-            if self._controlled(seq):
+            if processed:
                 logits = self._process(seq, logits, ahead=drafts)
             logits = logits[0]
             if grammar is not None:

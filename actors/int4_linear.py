@@ -50,9 +50,12 @@ class Int4Linear(nn.Module):
         # (q - 8) * s + z == d * q + m with s = d, z = m + 8 d; the kernel takes [K / 32, N, 2].
         sz = torch.stack([d.t(), (m + 8 * d).t()], dim=-1).contiguous()
         self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16))
-        self.register_buffer("q", q.to(torch.uint8), persistent=False)  # for dequantized(): tests, the drafter
-        self.register_buffer("d", d, persistent=False)
-        self.register_buffer("m", m, persistent=False)
+        # The file's own codes and scales, kept as compactly as the file has them (two codes a byte, fp16) for
+        # dequantized(): a drafter that copies the target's layers, and the tests.
+        q8 = q.to(torch.uint8)
+        self.register_buffer("codes", q8[:, 0::2] | (q8[:, 1::2] << 4), persistent=False)
+        self.register_buffer("d", d.to(torch.float16), persistent=False)
+        self.register_buffer("m", m.to(torch.float16), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed,
@@ -62,8 +65,8 @@ class Int4Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         """The file's weights in fp32: d * q + m, block by block."""
         n, k = self.out_features, self.in_features
-        q = self.q.float().view(n, k // GROUP, GROUP)
-        return (self.d[..., None] * q + self.m[..., None]).view(n, k)
+        q = torch.stack([self.codes & 0x0F, self.codes >> 4], dim=-1).float().view(n, k // GROUP, GROUP)
+        return (self.d.float()[..., None] * q + self.m.float()[..., None]).view(n, k)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, Q4_1 blocks of {GROUP}"

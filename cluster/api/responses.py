@@ -260,7 +260,7 @@ class ChatRender(CompletionRender):
         self.calls = calls
         self.streamed: dict[int, str] = {}  # per choice: the call's text so far (streams)
 
-    def _call(self, text: str, i: int) -> dict | None:
+    def _call(self, text: str) -> dict | None:
         """The tool call a choice's text makes (None while it is not yet a complete call of several)."""
         if len(self.calls) == 1:
             name, args = self.calls[0].name, text
@@ -273,8 +273,8 @@ class ChatRender(CompletionRender):
         return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                 "function": {"name": name, "arguments": args}}
 
-    def _message(self, r: dict, i: int) -> tuple[dict, str]:
-        call = self._call(r["text"], i) if self.calls else None
+    def _message(self, r: dict) -> tuple[dict, str]:
+        call = self._call(r["text"]) if self.calls else None
         if call is None:
             return {"role": "assistant", "content": r["text"]}, r["finish_reason"]
         reason = "tool_calls" if r["finish_reason"] == "stop" else r["finish_reason"]
@@ -283,7 +283,7 @@ class ChatRender(CompletionRender):
     def full(self, results: list[dict], usage: dict) -> dict:
         choices = []
         for i, r in enumerate(results):
-            message, reason = self._message(r, i)
+            message, reason = self._message(r)
             choices.append({"index": i, "message": message, "logprobs": chat_logprobs(r.get("logprobs")),
                             "finish_reason": reason})
         return self._base(choices=choices, usage=usage)
@@ -317,7 +317,7 @@ class ChatRender(CompletionRender):
             # Several functions: the call goes out whole now (its name was inside the text); one function
             # with nothing streamed: its (empty) call still has to be announced.
             text = self.streamed.get(i, "")
-            call = self._call(text, i)
+            call = self._call(text)
             delta = {"tool_calls": [{"index": 0, **call}]} if call else {"content": text}  # cut short: text
             out.append(self._chunk(choices=[{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]))
         if self.calls and reason == "stop" and (call is not None or len(self.calls) == 1):

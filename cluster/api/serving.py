@@ -33,21 +33,20 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict]:
     for m in messages:
         text = m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in m.content)
         if m.role == "assistant" and m.tool_calls and not text:
-            text = json.dumps([{"name": c.function.name, "arguments": json.loads(c.function.arguments or "{}")}
-                               if _is_json(c.function.arguments) else
-                               {"name": c.function.name, "arguments": c.function.arguments} for c in m.tool_calls])
+            text = json.dumps([{"name": c.function.name, "arguments": _parsed(c.function.arguments)}
+                               for c in m.tool_calls])
         out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
     if not any((m["content"] or "").strip() for m in out):
         raise APIError(400, "the messages are empty", param="messages", code="empty_prompt")
     return [{**m, "content": m["content"] or ""} for m in out]
 
 
-def _is_json(text: str | None) -> bool:
+def _parsed(arguments: str | None):
+    """A call's arguments as the JSON they are, or the text itself when a client sent something else."""
     try:
-        json.loads(text or "{}")
-        return True
+        return json.loads(arguments or "{}")
     except ValueError:
-        return False
+        return arguments
 
 
 # ---- tool calls ----------------------------------------------------------------------------------------------

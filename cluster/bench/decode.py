@@ -208,8 +208,6 @@ def mask_cost(engine: SpeculativeEngine, response_format: dict, outputs: list[li
     applied to a vocabulary of logits, and the matcher advanced over the token, replayed along real outputs."""
     import time
 
-    import torch
-
     logits = torch.zeros(1, engine.vocab_size)
     n, spent = 0, 0.0
     for out in outputs:
@@ -230,8 +228,6 @@ def bench_forward(target, sizes=(1, 2, 3, 4, 5, 7, 9), reps: int = 5, context: i
     interleaved per repetition; the median of ``reps``."""
     import statistics
     import time
-
-    import torch
 
     from onspec.actors.row_cache import RowCache, body_forward
     from onspec.actors.skinny_linear import SkinnyLinear
