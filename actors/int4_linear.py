@@ -115,10 +115,54 @@ def use_gguf_int4(model: nn.Module, gguf_path: Path) -> int:
             q, d, m = q[order], d[order], m[order]
         setattr(owner, name, Int4Linear(q, d, m))
         done += 1
+    for layer in layers:
+        fuse_projections(layer)
     # The kernel rounds its inputs to bf16, which turns the last-bit differences of batched attention into
     # visible ones: the position-indexed caches then compute each query's attention alone (row_cache.py).
     model.model.exact_attention = done > 0
     return done
+
+
+class FusedInt4(nn.Module):
+    """Several Int4Linears over the same input as one matmul (q, k, v; gate, up): one call and one bf16 cast
+    instead of three, which matters when a decoding step is a few hundred small calls. The kernel computes
+    every output column on its own, so each part's columns are bitwise what its own module gives (test)."""
+
+    def __init__(self, parts: list[Int4Linear]):
+        super().__init__()
+        self.in_features = parts[0].in_features
+        self.sizes = [p.out_features for p in parts]
+        codes = torch.cat([p.codes for p in parts])
+        q = torch.stack([codes & 0x0F, codes >> 4], dim=-1).view(codes.shape[0], -1).to(torch.int32)
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)
+        self.register_buffer("scales_and_zeros", torch.cat([p.scales_and_zeros for p in parts], dim=1),
+                             persistent=False)
+        # Where the kernel's packing lines up with the parts' rows (the model's sizes), the parts keep serving
+        # alone (transformers' own forward) from views of the fused codes: no second copy.
+        start = 0
+        for p, n in zip(parts, self.sizes):
+            rows = self.packed[start:start + n]
+            if torch.equal(rows, p.packed):
+                p.packed = rows
+            start += n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The parts' outputs side by side, [..., sum(sizes)]."""
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed,
+                                              GROUP, self.scales_and_zeros)
+        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def fuse_projections(layer: nn.Module) -> None:
+    """Give a decoder layer ``self_attn.qkv`` and ``mlp.gate_up`` when its projections are all Int4Linear (the
+    position-indexed forward, actors/row_cache.py, uses them when present)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+    if all(isinstance(m, Int4Linear) for m in qkv):
+        attn.qkv = FusedInt4(qkv)
+    gate_up = [mlp.gate_proj, mlp.up_proj]
+    if all(isinstance(m, Int4Linear) for m in gate_up):
+        mlp.gate_up = FusedInt4(gate_up)
 
 
 def float_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

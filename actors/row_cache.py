@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
 class RowCache:
@@ -67,16 +66,18 @@ def body_forward(body, embeds: torch.Tensor, cache: RowCache, start: int, length
     pos = lengths.to(embeds.device)[:, None] + steps                     # [b, T]
     span = int(lengths.max()) + T                                        # keys any query here can see
     cache.ensure(span)
-    cos, sin = body.rotary_emb(embeds, pos)
-    keys = torch.arange(span, device=embeds.device)
-    mask = keys[None, None, None, :] <= pos[:, None, :, None]           # [b, 1, T, span]: causal per row
+    rope = _rope(body, embeds, pos)
     where = pos[:, None, :, None].expand(b, cache.kv_heads, T, cache.head_dim)
-    spans = (pos + 1).tolist() if cache.exact else None
+    if cache.exact:
+        spans, mask = (pos + 1).tolist(), None
+    else:
+        spans, keys = None, torch.arange(span, device=embeds.device)
+        mask = keys[None, None, None, :] <= pos[:, None, :, None]       # [b, 1, T, span]: causal per row
     h = embeds
     for i, layer in enumerate(body.layers):
-        h = _layer(layer, h, cos, sin, cache.k[i][start:start + b], cache.v[i][start:start + b], where, mask,
+        h = _layer(layer, h, rope, cache.k[i][start:start + b], cache.v[i][start:start + b], where, mask,
                    span, cache.head_dim, spans)
-    return body.norm(h)
+    return _norm(body.norm, h)
 
 
 def _attention(q, K, V, mask, span, spans):
@@ -87,22 +88,50 @@ def _attention(q, K, V, mask, span, spans):
     if spans is None:
         return F.scaled_dot_product_attention(q, K[:, :, :span], V[:, :, :span], attn_mask=mask, enable_gqa=gqa)
     # No mask is needed over exactly the visible keys, and none is faster: CPU SDPA with a mask takes a slow path.
+    if len(spans) == 1 and len(spans[0]) == 1:  # one decoding step: no slicing or joining
+        return F.scaled_dot_product_attention(q, K[:, :, :span], V[:, :, :span], enable_gqa=gqa)
     return torch.cat([torch.cat([
         F.scaled_dot_product_attention(q[r:r + 1, :, t:t + 1], K[r:r + 1, :, :n], V[r:r + 1, :, :n], enable_gqa=gqa)
         for t, n in enumerate(row)], dim=2) for r, row in enumerate(spans)])
 
 
-def _layer(layer, h, cos, sin, K, V, where, mask, span, head_dim, spans=None):
-    """One decoder layer (pre-norm attention + MLP, as LlamaDecoderLayer) reading and writing rows K, V."""
-    attn = layer.self_attn
+def _norm(norm, h):
+    """LlamaRMSNorm as torch's single op (bitwise the module's result, in fewer dispatches)."""
+    return F.rms_norm(h, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+def _rope(body, embeds, pos):
+    """cos and sin for rotary embedding at ``pos`` [b, T], shaped [b, T, 1, d] to broadcast over heads, with
+    rotate_half's sign folded into sin's first half (x2 * -s is bitwise -x2 * s): computed once per forward."""
+    cos, sin = body.rotary_emb(embeds, pos)
+    half = sin.shape[-1] // 2
+    return cos[:, :, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, :, None]
+
+
+def _layer(layer, h, rope, K, V, where, mask, span, head_dim, spans=None):
+    """One decoder layer (pre-norm attention + MLP, as LlamaDecoderLayer) reading and writing rows K, V. Written
+    as few tensor operations as it can be: at a few tokens per step, each one's dispatch costs about as much as
+    its arithmetic."""
+    attn, mlp = layer.self_attn, layer.mlp
     b, T, _ = h.shape
-    x = layer.input_layernorm(h)
-    q = attn.q_proj(x).view(b, T, -1, head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(b, T, -1, head_dim).transpose(1, 2)
-    v = attn.v_proj(x).view(b, T, -1, head_dim).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    K.scatter_(2, where, k.to(K.dtype))
-    V.scatter_(2, where, v.to(V.dtype))
-    o = _attention(q, K, V, mask, span, spans)
+    x = _norm(layer.input_layernorm, h)
+    if hasattr(attn, "qkv"):  # one matmul for the three projections (actors/int4_linear.py, FusedInt4)
+        y = attn.qkv(x)
+        qk, v = y[..., :-attn.qkv.sizes[2]], y[..., -attn.qkv.sizes[2]:]
+    else:
+        qk, v = torch.cat((attn.q_proj(x), attn.k_proj(x)), dim=-1), attn.v_proj(x)
+    # q and k rotated together: x * cos + rotate_half(x) * sin, as apply_rotary_pos_emb
+    qk = qk.view(b, T, -1, head_dim)
+    cos, sin = rope
+    qk = (qk * cos + qk.roll(head_dim // 2, dims=-1) * sin).transpose(1, 2)
+    nq = qk.shape[1] - K.shape[1]
+    K.scatter_(2, where, qk[:, nq:].to(K.dtype))
+    V.scatter_(2, where, v.view(b, T, -1, head_dim).transpose(1, 2).to(V.dtype))
+    o = _attention(qk[:, :nq], K, V, mask, span, spans)
     h = h + attn.o_proj(o.transpose(1, 2).reshape(b, T, -1))
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    x = _norm(layer.post_attention_layernorm, h)
+    if hasattr(mlp, "gate_up"):
+        gate, up = mlp.gate_up(x).chunk(2, dim=-1)
+    else:
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    return h + mlp.down_proj(mlp.act_fn(gate) * up)

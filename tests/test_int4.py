@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from onspec.actors.config import OnspecConfig
-from onspec.actors.int4_linear import GROUP, Int4Linear, q4_1_codes
+from onspec.actors.int4_linear import GROUP, FusedInt4, Int4Linear, q4_1_codes
 from onspec.actors.requests import SamplingParams
 from tests.conftest import DATA_DIR
 
@@ -31,6 +31,20 @@ def test_int4_rows_do_not_depend_on_their_neighbours():
     assert all(torch.equal(full[i:i + 1], lin(x[i:i + 1])) for i in range(7))
     ref = x @ lin.dequantized().t()
     assert (full - ref).abs().max() < 0.05 * ref.abs().max()  # bf16 inside the matmul
+
+
+def test_fused_projections_give_each_part_bitwise():
+    """q, k, v (and gate, up) as one matmul: each part's columns are what its own module computes, and the parts
+    still serve alone from views of the fused codes."""
+    g = torch.Generator().manual_seed(1)
+    parts = [Int4Linear(torch.randint(0, 16, (n, 64), generator=g), torch.rand(n, 2, generator=g) / 10,
+                        -torch.rand(n, 2, generator=g) / 10) for n in (64, 16, 48)]
+    x = torch.randn(5, 64, generator=g)
+    alone = [p(x) for p in parts]
+    fused = FusedInt4(parts)
+    assert parts[0].packed.data_ptr() == fused.packed.data_ptr()  # a view where the packing lines up
+    assert torch.equal(fused(x), torch.cat(alone, dim=-1))
+    assert all(torch.equal(p(x), a) for p, a in zip(parts, alone))
 
 
 @pytest.fixture(scope="module")
