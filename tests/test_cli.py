@@ -131,6 +131,60 @@ def test_bench_forward_times_the_engines_own_forward(capsys):
     assert out["floor_ms"] == pytest.approx(out["weight_mb_per_token"] / out["bandwidth_gb_s"], rel=0.02)
 
 
+class _TargetPeer:
+    """A peer that decodes with the engine's own target: what bench decode reports for a peer, checkable."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, []
+
+    def generate(self, ids, max_tokens, stop_ids, lookup):
+        from onspec.actors.requests import SamplingParams
+
+        self.calls.append(lookup)
+        g = self.engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0), speculate=False)
+        return g.token_ids, g.stats.elapsed_s
+
+
+@pytest.mark.real_model
+def test_bench_decode_reports_peers_side_by_side(real_engine):
+    from onspec.actors.prompts import PromptSpec
+    from onspec.cluster.bench.decode import bench_decode
+
+    peer = _TargetPeer(real_engine)
+    specs = [PromptSpec(id="a", prompt="def add(a, b):"), PromptSpec(id="b", prompt="The capital of France")]
+    out = bench_decode(real_engine, specs, 6, peers={"same": peer})
+    p = out["peers"]["same"]
+    assert p["agreement_with_target"] == 1.0 and p["tokens_per_s"] > 0 and p["lookup_tokens_per_s"] > 0
+    assert p["onspec_target_vs_peer"] == pytest.approx(out["target_tokens_per_s"] / p["tokens_per_s"], rel=1e-3)
+    assert p["onspec_default_vs_peer"] == pytest.approx(out["spec_tokens_per_s"] / p["tokens_per_s"], rel=1e-3)
+    assert peer.calls == [False, True] * 3  # a warm-up, then plain and lookup on every prompt
+    assert all({"same_plain_tokens_per_s", "same_lookup_tokens_per_s"} <= set(row) for row in out["prompts"])
+
+
+@pytest.mark.real_model
+def test_llamacpp_peer_decodes_the_same_gguf():
+    pytest.importorskip("llama_cpp", reason="the optional extra onspec[peers]")
+    from onspec.actors.models import default_gguf_path
+    from onspec.cluster.bench.peers import LlamaCppPeer, agreement
+
+    peer = LlamaCppPeer(default_gguf_path(), threads=2, n_ctx=256)
+    ids = [1, 504, 1232, 42, 253]
+    plain, secs = peer.generate(ids, 8, set(), lookup=False)
+    looked, _ = peer.generate(ids, 8, set(), lookup=True)
+    assert len(plain) == 8 and secs > 0
+    assert agreement(plain, looked) == 1.0  # prompt lookup is lossless under greedy decoding
+
+
+def test_bench_decode_peer_missing_is_a_clear_error(capsys):
+    try:
+        import llama_cpp  # noqa: F401
+        pytest.skip("llama-cpp-python is installed")
+    except ImportError:
+        pass
+    assert main(["bench", "decode", "--peer", "llamacpp"]) == 2
+    assert "llama-cpp-python" in capsys.readouterr().err
+
+
 def test_bench_decode_refuses_an_unreadable_response_format(capsys):
     assert main(["bench", "decode", "--response-format", "/nonexistent/schema.json"]) == 2
     assert "--response-format" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from onspec.actors.config import OnspecConfig
+from onspec.cluster.bench.peers import PEERS
 from onspec.cluster.cli_args import (CLIError, common_flags, config_from_args, engine_from_config, serve_config,
                                      server_flags)
 
@@ -33,13 +34,14 @@ def cmd_bench_decode(args) -> int:
     specs = read_prompts(args.prompts_file or packaged_prompts())
     response_format = _response_format(args.response_format)  # a bad one fails before the model loads
     cfg = config_from_args(args)
+    peers = _peers(args.peer or [], cfg)  # a missing peer fails before the model loads
     engine = engine_from_config(cfg)
     log = (lambda row: print(json.dumps(row), file=sys.stderr, flush=True)) if not args.json else (lambda *_: None)
     sources = tuple(dict.fromkeys(args.drafter or [engine.spec.source]))
     drafters = _compare_drafters(args.compare_drafter or [], engine, cfg)
     result = bench_decode(engine, specs, args.max_tokens, repeats=args.repeats, sources=sources,
                           prompt_lookup=args.prompt_lookup, log=log, drafters=drafters,
-                          response_format=response_format)
+                          response_format=response_format, peers=peers)
     if args.json:
         print(json.dumps(result))
     else:
@@ -50,7 +52,24 @@ def cmd_bench_decode(args) -> int:
             print(f"{'source ' + src:28s} {json.dumps(figures)}")
         for name, figures in result.get("drafters", {}).items():
             print(f"{'drafter ' + name:28s} {json.dumps(figures)}")
+        for name, figures in result.get("peers", {}).items():
+            print(f"{'peer ' + name:28s} {json.dumps(figures)}")
     return 0
+
+
+def _peers(names: list[str], cfg: OnspecConfig) -> dict:
+    """``--peer``: each named peer on the GGUF file the target was loaded from, with as many threads as torch."""
+    import torch
+
+    from onspec.actors.models import default_gguf_path
+    from onspec.cluster.bench.peers import PeerMissing, make_peer
+
+    gguf = cfg.model.gguf_path or default_gguf_path()
+    try:
+        return {name: make_peer(name, gguf, torch.get_num_threads(), cfg.model.max_context + 64)
+                for name in dict.fromkeys(names)}
+    except PeerMissing as e:
+        raise CLIError(str(e)) from None
 
 
 def _response_format(value: str | None) -> dict | None:
@@ -253,6 +272,9 @@ def add_bench_parsers(sub) -> None:
     bd.add_argument("--response-format", metavar="json_object|SCHEMA.json",
                     help="decode every mode under this structured output (a grammar masks the target); the report "
                          "adds the mask's cost per token")
+    bd.add_argument("--peer", action="append", choices=PEERS,
+                    help="also decode every prompt with this peer on the same GGUF file, plainly and with its "
+                         "prompt-lookup drafting (llamacpp: the optional extra onspec[peers])")
     bd.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
                     help="also run transformers' generate with prompt-lookup decoding (N tokens) and without, "
                          "on the same prompts")

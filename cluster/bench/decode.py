@@ -9,6 +9,7 @@ from onspec.actors.draft_control import DraftController
 from onspec.actors.engine import SpeculativeEngine
 from onspec.actors.requests import SamplingParams
 from onspec.actors.prompts import PromptSpec
+from onspec.cluster.bench.peers import agreement
 from onspec.kernels.draft_length import best_draft_length
 
 
@@ -68,7 +69,7 @@ def _hf_generate(engine: SpeculativeEngine, ids: list[int], max_tokens: int, loo
 
 def bench_decode(engine: SpeculativeEngine, specs: list[PromptSpec], max_tokens: int, repeats: int = 1,
                  sources: tuple[str, ...] | None = None, prompt_lookup: int = 0, log=lambda *_: None,
-                 drafters: dict | None = None, response_format: dict | None = None) -> dict:
+                 drafters: dict | None = None, response_format: dict | None = None, peers: dict | None = None) -> dict:
     """Target-only and speculative decoding with each draft source, interleaved prompt by prompt (so drift in
     machine load hits all alike), after one excluded warm-up of each. Greedy, so every speculative output must
     equal the target's token for token. With ``prompt_lookup`` > 0, transformers' generate with
@@ -78,6 +79,10 @@ def bench_decode(engine: SpeculativeEngine, specs: list[PromptSpec], max_tokens:
 
     With ``response_format`` (structured output: json_object or json_schema) every mode decodes under the
     grammar, and ``grammar`` reports what masking costs per token.
+
+    ``peers`` ({name: peer}, cluster/bench/peers.py: e.g. llama.cpp on the same GGUF) decode every prompt in the
+    same interleaving, plainly and with their prompt-lookup drafting; ``peers`` reports their tokens/s, onspec's
+    against them, and how far their greedy text agrees with onspec's target-only.
 
     The top-level figures are those of the first source with the engine's drafter; ``sources`` holds every
     source's, ``drafters`` every extra drafter's."""
@@ -106,6 +111,11 @@ def bench_decode(engine: SpeculativeEngine, specs: list[PromptSpec], max_tokens:
     if prompt_lookup:
         _hf_generate(engine, prompts[0], 8, None)
         _hf_generate(engine, prompts[0], 8, prompt_lookup)
+    peers = dict(peers or {})
+    peer_runs = {name: {"plain": [0, 0.0], "lookup": [0, 0.0], "agreement": []} for name in peers}
+    for peer in peers.values():
+        for lookup in (False, True):
+            peer.generate(prompts[0], 8, engine.stop_ids, lookup)
     keys = ("tokens", "seconds", "drafted", "accepted", "forwards")
     totals = {m: dict.fromkeys(keys, 0) for m in ("target", *modes_run)}
     by_source = {src: {s: [0, 0, 0] for s in ("model", "suffix", "none")} for src in modes_run}
@@ -141,6 +151,13 @@ def bench_decode(engine: SpeculativeEngine, specs: list[PromptSpec], max_tokens:
                         hf[name][1] += secs
                         hf_identical &= out[:len(ref)] == ref
                     row["hf_lookup_tokens_per_s"] = round(len(out) / secs, 3)
+                for name, peer in peers.items():
+                    for how in ("plain", "lookup"):
+                        out, secs = peer.generate(ids, max_tokens, engine.stop_ids, how == "lookup")
+                        peer_runs[name][how][0] += len(out)
+                        peer_runs[name][how][1] += secs
+                        row[f"{name}_{how}_tokens_per_s"] = round(len(out) / secs, 3)
+                    peer_runs[name]["agreement"].append(agreement(out, runs["target"].token_ids))
                 per_prompt.append(row)
                 log(row)
     finally:
@@ -200,6 +217,16 @@ def bench_decode(engine: SpeculativeEngine, specs: list[PromptSpec], max_tokens:
         result["prompt_lookup"] = {"num_tokens": prompt_lookup, "hf_tokens_per_s": round(plain, 3),
                                    "hf_lookup_tokens_per_s": round(look, 3), "speedup": round(look / plain, 4),
                                    "vs_target_only": round(look / t_tps, 4), "identical": hf_identical}
+    if peers:
+        result["peers"] = {}
+        for name, r in peer_runs.items():
+            plain, look = r["plain"][0] / r["plain"][1], r["lookup"][0] / r["lookup"][1]
+            result["peers"][name] = {
+                "tokens_per_s": round(plain, 3), "lookup_tokens_per_s": round(look, 3),
+                "onspec_target_vs_peer": round(t_tps / plain, 4),
+                "onspec_default_vs_peer": round(first["tokens_per_s"] / plain, 4),
+                "onspec_default_vs_peer_lookup": round(first["tokens_per_s"] / look, 4),
+                "agreement_with_target": round(sum(r["agreement"]) / len(r["agreement"]), 4)}
     return result
 
 
