@@ -5,8 +5,8 @@ dimension, each block a half-precision scale d and minimum m and 32 four-bit cod
 Q4_1). Core torch's group-wise 4-bit CPU matmul (``aten._weight_int4pack_mm_for_cpu``, the kernel gpt-fast's
 int4 path uses) computes x @ ((q - 8) * s + z)^T per group of 32, so with s = d and z = m + 8 d it serves those
 very codes: no second rounding of the weights. Its scales and activations are bfloat16 inside the matmul
-(so d and m are rounded to bf16 there); everything around the linears (norms, attention, the residual stream,
-the head) stays in the model's fp32. Reading 4.5 bits instead of 32 per weight is the point: decoding is
+(so d and m are rounded to bf16 there); everything around the linears (norms, attention, the residual stream)
+stays in the model's fp32. The output head, stored as Q8_0, runs on the same kernel (``Q8Head``). Reading 4.5 bits instead of 32 per weight is the point: decoding is
 memory-bound (BENCHMARKS.md, "4-bit target").
 
 Speculation stays identical to target-only decoding at this precision: the kernel computes each row of x on its
@@ -72,6 +72,46 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, Q4_1 blocks of {GROUP}"
 
 
+def q8_0_codes(raw: np.ndarray, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Q8_0 tensor's rows ``raw`` [N, blocks * 34] as codes q [N, K] (int8 values as int32) and scales d
+    [N, K / 32] (fp32, exactly the file's fp16): w = d * q per block of 32 (ggml's dequantize_row_q8_0)."""
+    n, blocks = raw.shape[0], in_features // GROUP
+    b = np.ascontiguousarray(raw).reshape(n, blocks, 2 + GROUP)
+    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    q = b[..., 2:].copy().view(np.int8).reshape(n, in_features)
+    return torch.from_numpy(q.astype(np.int32)), torch.from_numpy(d)
+
+
+class Q8Head(nn.Module):
+    """The output head over the file's Q8_0 blocks (w = d * q, q an int8), on the same 4-bit kernel: q = 16 hi +
+    lo with hi in -8..7 and lo in 0..15, so x . w = x . (16 d hi) + x . (d lo) is one 4-bit matmul over the
+    input written twice, hi's groups with scale 16 d and lo's with scale d and zero 8 d. The weights are the
+    file's (d rounded to bf16 as for the Q4_1 linears); the matmul reads 36 MB instead of the fp32 head's 113,
+    and the logits come out in bf16. ``weight`` stays the fp32 (tied) matrix for code that reads it."""
+
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, weight: torch.Tensor):
+        super().__init__()
+        n, k = q.shape
+        self.out_features, self.in_features, self.weight = n, k, weight
+        hi, lo = (q >> 4) + 8, q & 0x0F
+        codes = torch.cat([hi.view(n, -1, GROUP), lo.view(n, -1, GROUP)], dim=1).view(n, 2 * k)
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1),
+                             persistent=False)
+        scales = torch.cat([16 * d, d], dim=1)
+        zeros = torch.cat([torch.zeros_like(d), 8 * d], dim=1)
+        self.register_buffer("scales_and_zeros", torch.stack([scales.t(), zeros.t()], dim=-1).contiguous()
+                             .to(torch.bfloat16), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch._weight_int4pack_mm_for_cpu(torch.cat([x2, x2], dim=-1), self.packed, GROUP,
+                                              self.scales_and_zeros)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, Q8_0 blocks of {GROUP}"
+
+
 # GGUF tensor names of a Llama block's linears -> the transformers module path under model.layers[i]
 LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
            "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -95,7 +135,14 @@ def use_gguf_int4(model: nn.Module, gguf_path: Path) -> int:
     cfg = model.config
     layers = model.model.layers
     done = 0
+    head = model.get_output_embeddings()
+    # The head's rows: its own tensor, or the token embedding it is tied to.
+    head_name = "token_embd.weight" if head.weight is model.get_input_embeddings().weight else "output.weight"
     for t in GGUFReader(str(gguf_path)).tensors:
+        if t.name == head_name and t.tensor_type == GGMLQuantizationType.Q8_0 and head.bias is None:
+            q, d = q8_0_codes(np.asarray(t.data), head.in_features)
+            model.lm_head = Q8Head(q, d, head.weight)
+            continue
         parts = t.name.split(".")  # blk.<i>.<kind>.weight
         if len(parts) != 4 or parts[0] != "blk" or parts[2] not in LINEARS:
             continue

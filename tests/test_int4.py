@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from onspec.actors.config import OnspecConfig
-from onspec.actors.int4_linear import GROUP, FusedInt4, Int4Linear, q4_1_codes
+from onspec.actors.int4_linear import GROUP, FusedInt4, Int4Linear, Q8Head, q4_1_codes
 from onspec.actors.requests import SamplingParams
 from tests.conftest import DATA_DIR
 
@@ -47,6 +47,20 @@ def test_fused_projections_give_each_part_bitwise():
     assert all(torch.equal(p(x), a) for p, a in zip(parts, alone))
 
 
+def test_q8_head_is_the_blocks_int8_codes_on_the_4bit_kernel():
+    """q = 16 hi + lo: with power-of-two scales every product is exact in bf16, so one-hot inputs read back the
+    weights d * q exactly, for every int8 code."""
+    g = torch.Generator().manual_seed(2)
+    n, k = 256, 64
+    q = torch.arange(-128, 128).repeat(n * k // 256).view(n, k)[torch.randperm(n, generator=g)]
+    d = 2.0 ** -torch.randint(2, 9, (n, k // GROUP), generator=g).float()
+    head = Q8Head(q, d, torch.zeros(n, k))
+    w = (d.repeat_interleave(GROUP, dim=1) * q).float()
+    assert torch.equal(head(torch.eye(k)), w.t())
+    x = torch.randn(3, k, generator=g)
+    assert (head(x) - x @ w.t()).abs().max() < 0.02 * (x @ w.t()).abs().max()  # bf16 inside
+
+
 @pytest.fixture(scope="module")
 def int4_engine():
     from onspec.actors.engine import SpeculativeEngine
@@ -60,6 +74,8 @@ def test_int4_serves_exactly_the_files_weights(int4_engine):
 
     lins = [m for m in int4_engine.target.modules() if isinstance(m, Int4Linear)]
     assert len(lins) == 7 * int4_engine.target.config.num_hidden_layers
+    head = int4_engine.target.lm_head
+    assert isinstance(head, Q8Head) and head.weight is int4_engine.target.model.embed_tokens.weight
     cfg = OnspecConfig(data_dir=DATA_DIR).merged(**{"model.dtype": "float32"})
     fp32, _ = load_target(cfg.model, cfg.data_dir)  # transformers' own dequantisation of the GGUF
     ref = dict(fp32.named_modules())

@@ -99,13 +99,14 @@ def test_greedy_identity_hybrid_source(real_engine, prompts, references):
 def test_prompt_scoring_equals_the_targets_own_forward(real_engine):
     """echo + logprobs (evaluation harnesses): each prompt token's log-probability given the ones before it, as
     transformers' forward of the same target computes it; long prompts are scored in chunks. (At int4 the
-    bf16 inside the 4-bit matmul turns the two attention kernels' last-bit differences into ~1e-2 ones.)"""
+    bf16 inside the 4-bit matmuls turns the two attention kernels' last-bit differences into ~1e-2 ones, and
+    the logits come out in bf16, whose step is 0.06-0.12 at their size: two roundings apart, ~0.25.)"""
     import torch
 
     ids = real_engine.encode("def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n")
     with torch.inference_mode():
         ref = torch.log_softmax(real_engine.target(torch.tensor([ids])).logits[0].float(), -1)
-    tol = 0.15 if getattr(real_engine.target.model, "exact_attention", False) else 1e-3
+    tol = 0.3 if getattr(real_engine.target.model, "exact_attention", False) else 1e-3
     for chunk in (512, 7):
         got = real_engine.prompt_logprobs(ids, 3, chunk=chunk)
         assert got[0] == (None, []) and len(got) == len(ids)

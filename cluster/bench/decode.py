@@ -291,11 +291,11 @@ def bench_forward(target, sizes=(1, 2, 3, 4, 5, 7, 9), reps: int = 5, context: i
 def weight_bytes_per_token(target) -> int:
     """Bytes of weights one decoding step reads: every linear (packed 4-bit codes and their scales, or float
     weights) and norm; the input embedding contributes one row, left out."""
-    from onspec.actors.int4_linear import Int4Linear
+    from onspec.actors.int4_linear import Int4Linear, Q8Head
 
     total = 0
     for m in target.modules():
-        if isinstance(m, Int4Linear):
+        if isinstance(m, (Int4Linear, Q8Head)):
             total += sum(b.numel() * b.element_size() for b in (m.packed, m.scales_and_zeros))
         elif isinstance(m, torch.nn.Linear) or type(m).__name__.endswith("RMSNorm"):
             total += m.weight.numel() * m.weight.element_size()
