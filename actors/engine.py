@@ -98,8 +98,10 @@ class SpeculativeEngine:
 
     def __init__(self, target, tokenizer, drafter, spec: SpeculationConfig, max_context: int,
                  stop_ids: set[int] | None = None, suffix: SuffixConfig | None = None, max_rows: int = 8,
-                 prefill_chunk: int = 256):
-        self.target, self.tokenizer, self.drafter = target, tokenizer, drafter
+                 prefill_chunk: int = 256, drafter_dtype: str = "auto"):
+        self.target, self.tokenizer = target, tokenizer
+        self.drafter_dtype = drafter_dtype
+        self.drafter = self.for_serving(drafter)
         self.spec = spec
         self.suffix_cfg = suffix or SuffixConfig()
         # Earlier requests' prompts and outputs. Only the decoding thread touches it: other threads (the replica's
@@ -152,7 +154,7 @@ class SpeculativeEngine:
         else:
             drafter = make_drafter(target, cfg.drafter, always_keep=tuple(stops))
         return cls(target, tok, drafter, cfg.speculation, cfg.model.max_context, stops, cfg.suffix,
-                   cfg.server.max_batch, cfg.server.prefill_chunk)
+                   cfg.server.max_batch, cfg.server.prefill_chunk, cfg.drafter.dtype)
 
     # ---- prompts -------------------------------------------------------------------------------------------
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
@@ -171,9 +173,29 @@ class SpeculativeEngine:
                                f"{self.max_context} (prompt + at least one generated token)")
 
     # ---- drafter management --------------------------------------------------------------------------------
+    def for_serving(self, drafter):
+        """The drafter at its served precision (``drafter.dtype``; auto: the target's). Over a 4-bit target, a
+        4-bit copy of it: its fp32 forward cost 2.45 ms a drafted token against 1.5 ms in 4 bits, beside a
+        12.6 ms target. The caller's drafter (the trainer's, the registry's) is left as it was. Speculation
+        stays exact whatever the drafter's precision."""
+        from onspec.actors.int4_linear import Int4Linear, int4_copy
+
+        want = self.drafter_dtype
+        if want == "auto":
+            want = "int4" if any(isinstance(m, Int4Linear) for m in self.target.modules()) else "float32"
+        if drafter is None or want != "int4" or getattr(drafter, "served_int4", False):
+            return drafter
+        if next(self.target.parameters()).device.type != "cpu":
+            raise ValueError("drafter.dtype int4 needs a CPU target (torch's int4 CPU matmul)")
+        # What the drafter shares with the target (its embedding) stays shared, not copied.
+        shared = {id(t): t for t in (*self.target.modules(), *self.target.parameters(), *self.target.buffers())}
+        served = int4_copy(drafter, shared)
+        served.served_int4 = True
+        return served
+
     def set_drafter(self, drafter) -> None:
         """Swap the drafter now (call it from the decoding thread, or while no request runs)."""
-        self.drafter = drafter
+        self.drafter = self.for_serving(drafter)
         self.controller.reset()  # the acceptance estimate starts afresh for the new drafter
         self.swaps += 1
         # The old drafter's cache means nothing to the new one: every row re-reads its sequence on its next draft.
@@ -185,7 +207,7 @@ class SpeculativeEngine:
         """Hand over a new drafter from any thread: the decoding thread takes it before its next verification
         round (or the next request), so a round never mixes two drafters. Taking it is one attribute read and
         write under the GIL: nothing to lock."""
-        self._next_drafter = drafter
+        self._next_drafter = self.for_serving(drafter)  # made in the caller's thread, not the decoding one
 
     def apply_pending_swap(self) -> None:
         """Take a handed-over drafter now. Only from the decoding thread (between two steps): that is what

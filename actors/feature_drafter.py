@@ -74,8 +74,11 @@ class FeatureDrafter(nn.Module):
         return self.head(hidden), hidden
 
     def own_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything but the shared embedding (which belongs to the target)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("body.embed_tokens")}
+        """Everything but the shared embedding (which belongs to the target); float weights also when this is
+        a 4-bit served copy (engine.for_serving)."""
+        from onspec.actors.int4_linear import float_state_dict
+
+        return {k: v for k, v in float_state_dict(self).items() if not k.startswith("body.embed_tokens")}
 
     def spec(self) -> dict:
         return {"kind": self.kind, "layers": self.layers, "vocab_keep": int(self.kept_ids.numel()),

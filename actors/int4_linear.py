@@ -17,6 +17,7 @@ differences stay last-bit; bf16 rounding of the next matmul's input would make t
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ def q4_1_codes(raw: np.ndarray, in_features: int) -> tuple[torch.Tensor, torch.T
 class Int4Linear(nn.Module):
     """y = x W^T with W = d * q + m per block of 32 inputs, on torch's int4 CPU matmul (bf16 inside)."""
 
-    def __init__(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
@@ -56,11 +57,25 @@ class Int4Linear(nn.Module):
         self.register_buffer("codes", q8[:, 0::2] | (q8[:, 1::2] << 4), persistent=False)
         self.register_buffer("d", d.to(torch.float16), persistent=False)
         self.register_buffer("m", m.to(torch.float16), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Int4Linear":
+        """4-bit blocks of a float weight, as llama.cpp's Q4_1 makes them: per 32 inputs, m = min and
+        d = (max - min) / 15, q = round((w - m) / d). For weights no file holds in 4 bits (a trained drafter)."""
+        w = weight.detach().float()
+        n, k = w.shape
+        g = w.view(n, k // GROUP, GROUP)
+        lo, hi = g.amin(-1), g.amax(-1)
+        d = ((hi - lo) / 15).clamp_min(1e-12)
+        q = ((g - lo[..., None]) / d[..., None]).round().clamp(0, 15).view(n, k)
+        return cls(q.to(torch.int32), d, lo, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed,
                                               GROUP, self.scales_and_zeros)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
 
     def dequantized(self) -> torch.Tensor:
         """The file's weights in fp32: d * q + m, block by block."""
@@ -198,6 +213,30 @@ class FusedInt4(nn.Module):
         y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed,
                                               GROUP, self.scales_and_zeros)
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def fits_kernel(lin: nn.Module) -> bool:
+    """Whether the 4-bit kernel can pack this linear's weight (rows in 16s, inputs in blocks of 32)."""
+    return isinstance(lin, nn.Linear) and lin.out_features % 16 == 0 and lin.in_features % GROUP == 0
+
+
+def int4_copy(module: nn.Module, shared: dict[int, object] | None = None) -> nn.Module:
+    """A copy of ``module`` with every nn.Linear the kernel fits as 4-bit blocks (``Int4Linear.from_float``)
+    and its decoder layers' projections fused: how a drafter follows a 4-bit target (a forward per drafted
+    token, so its cost counts as much as its bytes). ``shared`` (id -> object, deepcopy's memo) names tensors
+    the copy keeps sharing, e.g. the target's embedding."""
+    shared = dict(shared or {})
+    out = copy.deepcopy(module, memo=dict(shared))
+    for parent in list(out.modules()):
+        if id(parent) in shared:  # someone else's module (the target's): never changed here
+            continue
+        for name, child in list(parent.named_children()):
+            if fits_kernel(child):
+                setattr(parent, name, Int4Linear.from_float(child.weight, child.bias))
+    for layer in out.modules():
+        if hasattr(layer, "self_attn") and hasattr(layer, "mlp") and id(layer) not in shared:
+            fuse_projections(layer)
+    return out
 
 
 def fuse_projections(layer: nn.Module) -> None:

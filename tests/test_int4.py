@@ -61,6 +61,19 @@ def test_q8_head_is_the_blocks_int8_codes_on_the_4bit_kernel():
     assert (head(x) - x @ w.t()).abs().max() < 0.02 * (x @ w.t()).abs().max()  # bf16 inside
 
 
+def test_int4_from_float_rounds_each_block_to_its_own_grid():
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(32, 64, generator=g), torch.randn(32, generator=g)
+    lin = Int4Linear.from_float(w, b)
+    blocks = w.view(32, 2, GROUP)
+    step = (blocks.amax(-1) - blocks.amin(-1)) / 15
+    err = (lin.dequantized() - w).abs().view(32, 2, GROUP)
+    assert (err <= step[..., None] / 2 * 1.01 + 1e-3).all()  # half a step (d and m are kept in fp16)
+    x = torch.randn(3, 64, generator=g)
+    ref = x @ lin.dequantized().t() + b
+    assert (lin(x) - ref).abs().max() < 0.05 * ref.abs().max()
+
+
 @pytest.fixture(scope="module")
 def int4_engine():
     from onspec.actors.engine import SpeculativeEngine
@@ -82,6 +95,29 @@ def test_int4_serves_exactly_the_files_weights(int4_engine):
     for name, m in int4_engine.target.named_modules():
         if isinstance(m, Int4Linear):
             assert torch.equal(m.dequantized(), ref[name].weight.float()), name
+
+
+@pytest.mark.real_model
+def test_the_drafter_follows_the_4bit_target(int4_engine):
+    """Served in 4 bits beside a 4-bit target, sharing its embedding; the drafter handed in stays as it was (the
+    trainer's and the registry's copy)."""
+    from onspec.actors.config import DrafterConfig
+    from onspec.actors.int4_linear import FusedInt4
+    from onspec.actors.models import make_drafter
+
+    def linears(m):
+        return sum(isinstance(x, torch.nn.Linear) for x in m.modules())
+
+    served = int4_engine.drafter
+    assert served.served_int4 and linears(served) == 0
+    assert any(isinstance(m, FusedInt4) for m in served.modules())
+    assert served.body.embed_tokens.weight is int4_engine.target.model.embed_tokens.weight
+    assert int4_engine.for_serving(served) is served  # already served: not copied again
+    handed = make_drafter(int4_engine.target, DrafterConfig(base="derived"))
+    before = linears(handed)
+    assert linears(int4_engine.for_serving(handed)) == 0 and linears(handed) == before > 0
+    # a served copy saves (registers) as the float drafter it stands for
+    assert set(served.own_state_dict()) == set(handed.own_state_dict())
 
 
 @pytest.mark.real_model

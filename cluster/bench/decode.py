@@ -87,7 +87,7 @@ def bench_decode(engine: SpeculativeEngine, specs: list[PromptSpec], max_tokens:
     The top-level figures are those of the first source with the engine's drafter; ``sources`` holds every
     source's, ``drafters`` every extra drafter's."""
     sources = tuple(sources or (engine.spec.source,))
-    drafters = dict(drafters or {})
+    drafters = {name: engine.for_serving(d) for name, d in (drafters or {}).items()}
     clash = set(drafters) & {"target", *sources}
     if clash:
         raise ValueError(f"drafter names {sorted(clash)} clash with the draft sources'")
