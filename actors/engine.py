@@ -717,9 +717,10 @@ class SpeculativeEngine:
     def _observe(self, seq: _Sequence, old_len: int, drafts: list[int], n: int, nxt: int,
                  row: torch.Tensor, source: str = "model") -> None:
         top = torch.log_softmax(row.float(), -1).topk(self.record_topk)
+        keep = torch.isfinite(top.values)  # a grammar-masked row may allow fewer tokens than record_topk
         self.round_observer(RoundRecord(
             context=seq.tokens[max(0, old_len - self.record_context):old_len], drafts=drafts, accepted=n,
-            target_token=nxt, topk_ids=top.indices.tolist(), topk_logprobs=top.values.tolist(),
+            target_token=nxt, topk_ids=top.indices[keep].tolist(), topk_logprobs=top.values[keep].tolist(),
             drafter_version=getattr(self.drafter, "version", None), temperature=float(seq.params.temperature),
             source=source, request=seq.tag, constrained=seq.constraint is not None))
 
@@ -762,7 +763,7 @@ class SpeculativeEngine:
         counts = [1 + len(inputs[s.slot][0]) for s in rows]
         flat = torch.cat([hidden[s.slot, :c] for s, c in zip(rows, counts)])
         logits_all = self.target.lm_head(flat).float().split(counts)
-        verdicts = []
+        verdicts, served = [], {}
         for s, logits in zip(rows, logits_all):
             drafts, q = inputs[s.slot]
             d = torch.tensor(drafts, device=self.device, dtype=torch.long)
@@ -772,6 +773,7 @@ class SpeculativeEngine:
             if s.constraint is not None:  # position j allows what the grammar allows after drafts[:j]
                 masks = s.constraint.masks_for(drafts).to(logits.device)
                 logits = logits.masked_fill(~masks[:, :logits.shape[-1]], float("-inf"))
+                served[s.slot] = logits  # what a record of this row carries: the grammar-masked target
             if is_greedy(s.params.temperature):
                 n, nxt = greedy_verify(d, logits)
             else:
@@ -785,7 +787,7 @@ class SpeculativeEngine:
         verdicts = torch.stack(verdicts).tolist()
         self._observe_cost(b, T, time.perf_counter() - t0)
         for s, logits, (n, nxt) in zip(rows, logits_all, verdicts):
-            self._accept(s, plans[s.slot], inputs[s.slot][0], n, nxt, logits, hidden[s.slot])
+            self._accept(s, plans[s.slot], inputs[s.slot][0], n, nxt, logits, hidden[s.slot], served.get(s.slot))
 
     def _fit_width(self, plans: dict, b: int) -> dict:
         """Cut the rows' drafts to the one width that pays for the whole batch (kernels.draft_length.
@@ -820,7 +822,7 @@ class SpeculativeEngine:
         return out
 
     def _accept(self, seq: _Sequence, plan, drafts: list[int], n: int, nxt: int, logits: torch.Tensor,
-                hidden: torch.Tensor) -> None:
+                hidden: torch.Tensor, masked: torch.Tensor | None = None) -> None:
         source, cap, sd = plan
         k = len(drafts)
         if source == "model":
@@ -850,7 +852,7 @@ class SpeculativeEngine:
             if n < k or (self.record_coverage and (seq.unrecorded >= self.record_coverage
                                                    or self._ends(seq, new))):
                 seq.unrecorded = 0
-                self._observe(seq, old_len, drafts, n, nxt, logits[n], source)
+                self._observe(seq, old_len, drafts, n, nxt, (logits if masked is None else masked)[n], source)
         stats = seq.stats
         stats.target_forwards += 1
         stats.drafted += k

@@ -125,7 +125,7 @@ class RoundRecord:
     drafter_version: str | None
     temperature: float = 0.0  # the request's: tells the trainer which divergence suits this traffic
     source: str = "model"     # who drafted: "model", "suffix", or "none" (a coverage record of plain decoding)
-    constrained: bool = False  # a structured request: the target's choice was grammar-masked (its top-k is not)
+    constrained: bool = False  # a structured request: the target's choice and its top-k are grammar-masked
     request: object = None    # the caller's tag of the request (not sent to the stream)
 
 

@@ -230,6 +230,8 @@ class OnlineTrainer:
         wt[:w.first_row] = 0.0
         if self._feature:
             wt[0] = 0.0  # a feature drafter's first position has no predecessor's feature (zeros): no target
+        if w.served is not None:  # a constrained record: its rejected row only (actors/windows.py, Window)
+            wt.zero_()
         if w.rejected_row is not None and w.rejected_row < n:
             wt[w.rejected_row] = self.tc.rejected_weight if self.tc.window_positions else 1.0
         return wt
@@ -335,12 +337,16 @@ class OnlineTrainer:
             return False
         windows = []
         for src in self._sample_replay(self.tc.batch_windows):
+            if src.served is not None:  # the drafter's free continuation would ignore the request's grammar
+                continue
             cut = self.rng.randint(min(8, len(src.ids) - 1), len(src.ids) - 1)
             prefix = src.ids[:cut + 1]
             known = src.teacher.features[:cut + 1] if src.teacher is not None and src.teacher.features is not None \
                 else None  # the target's hidden states of the prefix, from scoring the source window
             windows.append(Window(ids=prefix + self._continue(prefix, src.greedy, known), rejected_row=None,
                                   greedy=src.greedy, label=src.label, first_row=len(prefix) - 1))
+        if not windows:
+            return False
         self.train_on(windows)
         self.stats.onpolicy_steps += 1
         return True

@@ -4,6 +4,7 @@ keeps windows for later steps. Imports go kernels <- actors only."""
 from __future__ import annotations
 
 import collections
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -22,6 +23,10 @@ class Window:
     label: str = ""
     first_row: int = 0
     teacher: "Teacher | None" = field(default=None, repr=False)
+    # A structured request's record (``constrained``): the grammar-masked target's top-k at ``rejected_row``
+    # (ids, log-probabilities), the distribution it served there. Only that row is learned from: the record does
+    # not hold the grammar's state at the context's positions, where the unmasked target would teach wrongly.
+    served: tuple[list[int], list[float]] | None = None
 
 
 @dataclass
@@ -42,9 +47,10 @@ def window_from_record(rec: dict, record_id: str | None = None) -> Window:
     n = rec["rejected_pos"]
     ids = rec["context"] + rec["drafts"][:n] + [rec["target_token"]]
     rejected = n < len(rec["drafts"])  # else a coverage record: nothing was rejected in that round
+    served = (rec["topk_ids"], rec["topk_logprobs"]) if rec.get("constrained") and rejected else None
     return Window(ids=ids, rejected_row=len(rec["context"]) - 1 + n if rejected else None,
                   greedy=rec.get("temperature", 0.0) <= 1e-5,
-                  record_id=record_id, label=rec.get("label", ""))
+                  record_id=record_id, label=rec.get("label", ""), served=served)
 
 
 def pad_windows(windows: list[Window], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +88,27 @@ def score_windows(target, kept_ids: torch.Tensor, windows: list[Window], topk: i
             n = len(w.ids)
             w.teacher = Teacher(top.indices[r, :n].clone(), top.values[r, :n].clone(), mass[r, :n].clone(),
                                 argmax[r, :n].clone(), hidden[r, :n].clone() if features else None)
+            if w.served is not None:
+                _serve_teacher(w, kept_ids)
+
+
+def _serve_teacher(w: Window, kept_ids: torch.Tensor) -> None:
+    """The teacher at a constrained window's rejected row becomes the masked distribution its record carries
+    (over the kept ids; the unmasked target's other top-k entries stay listed with probability 0)."""
+    t, row = w.teacher, w.rejected_row
+    where = {int(v): i for i, v in enumerate(kept_ids.tolist())}
+    pairs = [(where[i], math.exp(lp)) for i, lp in zip(*w.served) if i in where]
+    if row is None or row >= len(w.ids) or not pairs:
+        w.rejected_row = None  # nothing the drafter could learn there: the window teaches nothing
+        return
+    k = t.idx.shape[1]
+    pairs = pairs[:k]
+    used = {i for i, _ in pairs}
+    fill = [int(i) for i in t.idx[row].tolist() if int(i) not in used][:k - len(pairs)]
+    t.idx[row] = torch.tensor([i for i, _ in pairs] + fill, dtype=t.idx.dtype)
+    t.probs[row] = torch.tensor([p for _, p in pairs] + [0.0] * len(fill), dtype=t.probs.dtype)
+    t.kept_mass[row] = sum(p for _, p in pairs)
+    t.argmax[row] = int(w.served[0][0])
 
 
 def window_features(windows: list[Window], width: int, device, dtype) -> torch.Tensor:

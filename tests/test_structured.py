@@ -88,3 +88,13 @@ def test_records_of_a_structured_request_say_so(real_engine):
         real_engine.round_observer, real_engine.record_coverage = None, coverage
     flags = {r.constrained for r in records}
     assert flags == {True, False}
+    # a constrained record's top-k is the masked target's: only tokens the grammar allowed at that position
+    checked = 0
+    for r in records:
+        assert len(r.topk_ids) == len(r.topk_logprobs) and all(lp > float("-inf") for lp in r.topk_logprobs)
+        window = r.context + r.drafts[:r.accepted]
+        if r.constrained and window[:len(ids)] == ids:  # the whole prompt is in the record's context
+            allowed = real_engine._constraint(CASES[1][1], window[len(ids):]).allowed()
+            assert all(allowed[i] for i in r.topk_ids) and r.topk_ids[0] == r.target_token
+            checked += 1
+    assert checked

@@ -180,6 +180,34 @@ def test_window_weights_put_the_rejected_row_up(tmp_path, client):
     assert tr._row_weights(w).tolist() == [0.0, 1.0, 4.0, 1.0, 1.0]
 
 
+def test_a_constrained_record_teaches_its_served_distribution_at_its_rejected_row_only(tmp_path, client):
+    """A structured request's record carries the grammar-masked target's top-k: the window learns there only,
+    and its teacher is that distribution, not the unmasked target's that the trainer's forward computes."""
+    from onspec.actors.windows import score_windows
+
+    tr = _trainer(client, tmp_path)
+    kept = tr.kept.tolist()
+    allowed = [kept[5], kept[9]]
+    rec = {"context": [3, 4, 5, 6], "drafts": [7, 8], "rejected_pos": 1, "target_token": allowed[0],
+           "temperature": 0.0, "constrained": True, "topk_ids": allowed, "topk_logprobs": [-0.2, -1.7]}
+    w = window_from_record(rec, "1-0")
+    assert tr._row_weights(w).tolist() == [0.0, 0.0, 0.0, 0.0, tr.tc.rejected_weight, 0.0]
+    score_windows(tr.target, tr.kept, [w], tr.tc.teacher_topk)
+    t, row = w.teacher, w.rejected_row
+    listed = dict(zip(t.idx[row].tolist(), t.probs[row].tolist()))
+    assert listed[5] == pytest.approx(0.8187, abs=1e-3) and listed[9] == pytest.approx(0.1827, abs=1e-3)
+    assert sum(p > 0 for p in listed.values()) == 2 and t.argmax[row] == allowed[0]
+    assert float(t.kept_mass[row]) == pytest.approx(0.8187 + 0.1827, abs=1e-3)
+    free = window_from_record({**rec, "constrained": False}, "1-1")
+    assert free.served is None and tr._row_weights(free).sum() > 1
+    # nothing the drafter keeps among what the grammar allowed: the window teaches nothing
+    outside = [i for i in range(tr.target.config.vocab_size) if i not in set(kept)][:1]
+    if outside:
+        lost = window_from_record({**rec, "topk_ids": outside, "topk_logprobs": [-0.1]}, "1-2")
+        score_windows(tr.target, tr.kept, [lost], tr.tc.teacher_topk)
+        assert lost.rejected_row is None and tr._row_weights(lost).sum() == 0
+
+
 def test_time_split_holds_back_whole_blocks_of_traffic(client, tmp_path):
     """The gate judges requests the drafter never trained on: records of one time block all go one way."""
     tr = _trainer(client, tmp_path, holdout_split="time", holdout_block_s=10.0, holdout_percent=30)
