@@ -105,7 +105,7 @@ class DrafterConfig(_Strict):
     feature_layers: int = Field(1, ge=1, le=8, description="decoder layers of a feature drafter")
     dtype: Literal["auto", "float32", "int4"] = Field(
         "auto", description="the served drafter's weights: auto follows the target (4-bit blocks beside a 4-bit "
-                            "target: 38% cheaper per drafted token, top-1 acceptance 0.38 vs 0.42 in fp32; "
+                            "target: 38% cheaper per drafted token for a few points of acceptance; "
                             "BENCHMARKS.md); the trainer always trains in fp32")
     base: Literal["pretrained", "derived"] = Field(
         "pretrained", description="the drafter served before any online training: the pretrained one shipped "
