@@ -14,8 +14,13 @@ after each rejection. The layers' own modules (projections, norms, MLP, rotary e
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+from onspec.actors.int4_linear import GROUP, Int4Linear
 
 
 class RowCache:
@@ -108,10 +113,70 @@ def _rope(body, embeds, pos):
     return cos[:, :, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, :, None]
 
 
+@dataclass(frozen=True)
+class _Int4Plan:
+    """A 4-bit decoder layer's tensors gathered once: at one token a step, looking up a module's attributes and
+    calling it cost as much as the small operations between the matmuls (the layer runs ~15% faster without)."""
+    in_w: torch.Tensor
+    in_eps: float
+    post_w: torch.Tensor
+    post_eps: float
+    qkv: tuple[torch.Tensor, torch.Tensor]
+    qk_width: int
+    o: tuple[torch.Tensor, torch.Tensor]
+    gate_up: tuple[torch.Tensor, torch.Tensor]
+    down: tuple[torch.Tensor, torch.Tensor]
+
+
+def _int4_plan(layer) -> _Int4Plan | None:
+    """The layer's plan (made on its first forward; a layer's modules do not change after that), or None when
+    it is not a 4-bit layer of the usual shape: then the modules are called as they are."""
+    plan = layer.__dict__.get("_int4_plan", False)
+    if plan is not False:
+        return plan
+    attn, mlp = layer.self_attn, layer.mlp
+    plain = all(isinstance(m, Int4Linear) and m.bias is None for m in (attn.o_proj, mlp.down_proj))
+    plan = None
+    if plain and hasattr(attn, "qkv") and hasattr(mlp, "gate_up") and isinstance(mlp.act_fn, type(ACT2FN["silu"])):
+        pair = (lambda m: (m.packed, m.scales_and_zeros))
+        plan = _Int4Plan(layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
+                         layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
+                         pair(attn.qkv), sum(attn.qkv.sizes[:2]), pair(attn.o_proj), pair(mlp.gate_up),
+                         pair(mlp.down_proj))
+    layer.__dict__["_int4_plan"] = plan
+    return plan
+
+
+def _mm4(x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Int4Linear's product (actors/int4_linear.py) on rows x [N, K]: bf16 inside, the input's dtype out."""
+    return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), weights[0], GROUP, weights[1]).to(x.dtype)
+
+
+def _layer_int4(p: _Int4Plan, h, rope, K, V, where, mask, span, head_dim, spans):
+    """``_layer`` for a 4-bit layer from its plan: the same operations in the same order (bitwise the same)."""
+    b, T, H = h.shape
+    x = F.rms_norm(h, (H,), p.in_w, p.in_eps).view(b * T, H)
+    y = _mm4(x, p.qkv)
+    qk = y[:, :p.qk_width].view(b, T, -1, head_dim)
+    cos, sin = rope
+    qk = (qk * cos + qk.roll(head_dim // 2, dims=-1) * sin).transpose(1, 2)
+    nq = qk.shape[1] - K.shape[1]
+    K.scatter_(2, where, qk[:, nq:].to(K.dtype))
+    V.scatter_(2, where, y[:, p.qk_width:].view(b, T, -1, head_dim).transpose(1, 2).to(V.dtype))
+    o = _attention(qk[:, :nq], K, V, mask, span, spans)
+    h = h + _mm4(o.transpose(1, 2).reshape(b * T, -1), p.o).view(b, T, H)
+    x = F.rms_norm(h, (H,), p.post_w, p.post_eps).view(b * T, H)
+    gate, up = _mm4(x, p.gate_up).chunk(2, dim=-1)
+    return h + _mm4(F.silu(gate) * up, p.down).view(b, T, H)
+
+
 def _layer(layer, h, rope, K, V, where, mask, span, head_dim, spans=None):
     """One decoder layer (pre-norm attention + MLP, as LlamaDecoderLayer) reading and writing rows K, V. Written
     as few tensor operations as it can be: at a few tokens per step, each one's dispatch costs about as much as
     its arithmetic."""
+    plan = _int4_plan(layer)
+    if plan is not None:
+        return _layer_int4(plan, h, rope, K, V, where, mask, span, head_dim, spans)
     attn, mlp = layer.self_attn, layer.mlp
     b, T, _ = h.shape
     x = _norm(layer.input_layernorm, h)

@@ -13,8 +13,7 @@ them has been applied; records held back for the promotion gate are acknowledged
 slice. A restarted trainer (same consumer name) first re-reads its own pending records; records pending with
 another consumer for ``claim_idle_ms`` are claimed with XAUTOCLAIM (that trainer died).
 
-Loss. ``auto`` follows DistillSpec: forward KL on greedy traffic (it fits the target's mode), TVD on sampled
-traffic (1 - TVD is exactly the acceptance probability of speculative sampling).
+Loss. ``auto`` follows DistillSpec: forward KL on greedy traffic (it fits the target's mode), TVD on sampled traffic.
 
 Promotion. Every ``promote_every_steps`` steps the working weights become a candidate version; it is promoted
 only if its acceptance on the held-back slice (the acceptance the target would give it, greedy or sampled as the
@@ -230,8 +229,7 @@ class OnlineTrainer:
         wt[:w.first_row] = 0.0
         if self._feature:
             wt[0] = 0.0  # a feature drafter's first position has no predecessor's feature (zeros): no target
-        if w.served is not None:  # a constrained record: its rejected row only (actors/windows.py, Window)
-            wt.zero_()
+        wt *= w.served is None  # a constrained record teaches at its rejected row only (windows.py, Window)
         if w.rejected_row is not None and w.rejected_row < n:
             wt[w.rejected_row] = self.tc.rejected_weight if self.tc.window_positions else 1.0
         return wt
@@ -336,20 +334,18 @@ class OnlineTrainer:
         if not self.replay:
             return False
         windows = []
-        for src in self._sample_replay(self.tc.batch_windows):
-            if src.served is not None:  # the drafter's free continuation would ignore the request's grammar
-                continue
+        # (Not a constrained window's: the drafter's free continuation would ignore the request's grammar.)
+        for src in [w for w in self._sample_replay(self.tc.batch_windows) if w.served is None]:
             cut = self.rng.randint(min(8, len(src.ids) - 1), len(src.ids) - 1)
             prefix = src.ids[:cut + 1]
             known = src.teacher.features[:cut + 1] if src.teacher is not None and src.teacher.features is not None \
                 else None  # the target's hidden states of the prefix, from scoring the source window
             windows.append(Window(ids=prefix + self._continue(prefix, src.greedy, known), rejected_row=None,
                                   greedy=src.greedy, label=src.label, first_row=len(prefix) - 1))
-        if not windows:
-            return False
-        self.train_on(windows)
-        self.stats.onpolicy_steps += 1
-        return True
+        if windows:
+            self.train_on(windows)
+            self.stats.onpolicy_steps += 1
+        return bool(windows)
 
     # ---- evaluation and promotion -------------------------------------------------------------------------
     @torch.inference_mode()
