@@ -102,7 +102,8 @@ def server(tmp_path, real_engine):
     (accepted nearly always, and no faster: an upper bound that makes promotions and rollbacks plain to see)."""
     redis_server = RedisServer(tmp_path / "redis").start()
     reg = DrafterRegistry.from_url(redis_server.url, tmp_path / "data", PREFIX)
-    original, mode = real_engine.drafter, real_engine.spec.mode
+    original, mode, dtype = real_engine.drafter, real_engine.spec.mode, real_engine.drafter_dtype
+    real_engine.drafter_dtype = "float32"  # v1 served as the target's own weights, not rounded again to 4 bits
     base = reg.ensure_registered(original)
     t = real_engine.target
     # v1 is of the truncated kind whatever the default: a swap across kinds and back.
@@ -123,6 +124,7 @@ def server(tmp_path, real_engine):
     finally:
         replica.close()
         real_engine.apply_pending_swap()
+        real_engine.drafter_dtype = dtype
         real_engine.set_drafter(original)  # the session's engine goes back as it was
         real_engine.spec.mode = mode
         reg.r.close()
