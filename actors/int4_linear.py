@@ -28,6 +28,12 @@ GROUP = 32                      # weights per Q4_1 block
 BLOCK_BYTES = 2 + 2 + GROUP // 2  # fp16 d, fp16 m, 16 bytes of nibbles
 
 
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """Rows x [N, K] times packed 4-bit blocks of 32 (torch's int4 CPU matmul): bf16 inside, x's dtype out. The
+    one call every 4-bit product here makes (Int4Linear, FusedInt4, Q8Head, the position-indexed layers)."""
+    return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, GROUP, scales_and_zeros).to(x.dtype)
+
+
 def q4_1_codes(raw: np.ndarray, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A Q4_1 tensor's rows ``raw`` [N, blocks * 20] (uint8, as gguf's reader gives them) as codes q [N, K]
     (0..15), scales d and minimums m [N, K / 32] (fp32, exactly the file's fp16 values). In a block, byte j
@@ -72,9 +78,8 @@ class Int4Linear(nn.Module):
         return cls(q.to(torch.int32), d, lo, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed,
-                                              GROUP, self.scales_and_zeros)
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        y = int4_mm(x.reshape(-1, self.in_features), self.packed, self.scales_and_zeros)
+        y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def dequantized(self) -> torch.Tensor:
@@ -118,10 +123,9 @@ class Q8Head(nn.Module):
                              .to(torch.bfloat16), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch._weight_int4pack_mm_for_cpu(torch.cat([x2, x2], dim=-1), self.packed, GROUP,
-                                              self.scales_and_zeros)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        x2 = x.reshape(-1, self.in_features)
+        y = int4_mm(torch.cat([x2, x2], dim=-1), self.packed, self.scales_and_zeros)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, Q8_0 blocks of {GROUP}"
@@ -210,9 +214,8 @@ class FusedInt4(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The parts' outputs side by side, [..., sum(sizes)]."""
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed,
-                                              GROUP, self.scales_and_zeros)
-        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+        return int4_mm(x.reshape(-1, self.in_features), self.packed, self.scales_and_zeros) \
+            .reshape(*x.shape[:-1], -1)
 
 
 def fits_kernel(lin: nn.Module) -> bool:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from onspec.actors.int4_linear import GROUP, Int4Linear
+from onspec.actors.int4_linear import Int4Linear, int4_mm
 
 
 class RowCache:
@@ -147,16 +147,11 @@ def _int4_plan(layer) -> _Int4Plan | None:
     return plan
 
 
-def _mm4(x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Int4Linear's product (actors/int4_linear.py) on rows x [N, K]: bf16 inside, the input's dtype out."""
-    return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), weights[0], GROUP, weights[1]).to(x.dtype)
-
-
 def _layer_int4(p: _Int4Plan, h, rope, K, V, where, mask, span, head_dim, spans):
     """``_layer`` for a 4-bit layer from its plan: the same operations in the same order (bitwise the same)."""
     b, T, H = h.shape
     x = F.rms_norm(h, (H,), p.in_w, p.in_eps).view(b * T, H)
-    y = _mm4(x, p.qkv)
+    y = int4_mm(x, *p.qkv)
     qk = y[:, :p.qk_width].view(b, T, -1, head_dim)
     cos, sin = rope
     qk = (qk * cos + qk.roll(head_dim // 2, dims=-1) * sin).transpose(1, 2)
@@ -164,10 +159,10 @@ def _layer_int4(p: _Int4Plan, h, rope, K, V, where, mask, span, head_dim, spans)
     K.scatter_(2, where, qk[:, nq:].to(K.dtype))
     V.scatter_(2, where, y[:, p.qk_width:].view(b, T, -1, head_dim).transpose(1, 2).to(V.dtype))
     o = _attention(qk[:, :nq], K, V, mask, span, spans)
-    h = h + _mm4(o.transpose(1, 2).reshape(b * T, -1), p.o).view(b, T, H)
+    h = h + int4_mm(o.transpose(1, 2).reshape(b * T, -1), *p.o).view(b, T, H)
     x = F.rms_norm(h, (H,), p.post_w, p.post_eps).view(b * T, H)
-    gate, up = _mm4(x, p.gate_up).chunk(2, dim=-1)
-    return h + _mm4(F.silu(gate) * up, p.down).view(b, T, H)
+    gate, up = int4_mm(x, *p.gate_up).chunk(2, dim=-1)
+    return h + int4_mm(F.silu(gate) * up, *p.down).view(b, T, H)
 
 
 def _layer(layer, h, rope, K, V, where, mask, span, head_dim, spans=None):
@@ -180,11 +175,7 @@ def _layer(layer, h, rope, K, V, where, mask, span, head_dim, spans=None):
     attn, mlp = layer.self_attn, layer.mlp
     b, T, _ = h.shape
     x = _norm(layer.input_layernorm, h)
-    if hasattr(attn, "qkv"):  # one matmul for the three projections (actors/int4_linear.py, FusedInt4)
-        y = attn.qkv(x)
-        qk, v = y[..., :-attn.qkv.sizes[2]], y[..., -attn.qkv.sizes[2]:]
-    else:
-        qk, v = torch.cat((attn.q_proj(x), attn.k_proj(x)), dim=-1), attn.v_proj(x)
+    qk, v = torch.cat((attn.q_proj(x), attn.k_proj(x)), dim=-1), attn.v_proj(x)
     # q and k rotated together: x * cos + rotate_half(x) * sin, as apply_rotary_pos_emb
     qk = qk.view(b, T, -1, head_dim)
     cos, sin = rope
@@ -194,9 +185,4 @@ def _layer(layer, h, rope, K, V, where, mask, span, head_dim, spans=None):
     V.scatter_(2, where, v.view(b, T, -1, head_dim).transpose(1, 2).to(V.dtype))
     o = _attention(qk[:, :nq], K, V, mask, span, spans)
     h = h + attn.o_proj(o.transpose(1, 2).reshape(b, T, -1))
-    x = _norm(layer.post_attention_layernorm, h)
-    if hasattr(mlp, "gate_up"):
-        gate, up = mlp.gate_up(x).chunk(2, dim=-1)
-    else:
-        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-    return h + mlp.down_proj(mlp.act_fn(gate) * up)
+    return h + mlp(_norm(layer.post_attention_layernorm, h))
