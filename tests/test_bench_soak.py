@@ -2,7 +2,9 @@
 30-minute soak itself is `onspec bench soak`, run by hand: BENCHMARKS.md)."""
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 from onspec.cluster.bench.soak import sample_processes, soak_report
 
@@ -45,6 +47,21 @@ def test_soak_report_figures():
     assert r["intervals"][-1]["serving_version"] == "v1" and r["intervals"][1]["errors"] == 1
     with pytest.raises(ValueError):
         soak_report(samples[:1])
+
+
+def test_sample_processes_leaves_out_an_unreaped_child():
+    # An exited child nobody has waited for yet is a zombie: no memory, nothing to watch (it failed CI once).
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the child never exited"
+        time.sleep(0.05)
+    try:
+        procs = sample_processes()
+        assert all(p["pid"] != child.pid for p in procs.values())
+        assert all(p["rss_mib"] > 0 for p in procs.values())
+    finally:
+        child.wait()
 
 
 def test_sample_processes_sees_this_process_and_its_children():
