@@ -50,7 +50,7 @@ def test_soak_report_figures():
 
 
 def test_sample_processes_leaves_out_an_unreaped_child():
-    # An exited child nobody has waited for yet is a zombie: no memory, nothing to watch (it failed CI once).
+    # An exited child nobody has waited for yet is a zombie: no memory, nothing to watch.
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.monotonic() + 30
     while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:

@@ -50,13 +50,10 @@ def sample_processes(root: int | None = None) -> dict[str, dict]:
     out = {}
     for p in [me] + me.children(recursive=True):
         try:
-            # A zombie (exited, not yet reaped by its parent) holds no memory: it is not a process to watch.
-            if p.status() == psutil.STATUS_ZOMBIE:
-                continue
             rss = p.memory_info().rss
         except psutil.Error:
             continue
-        if rss == 0:  # mid-exit: its memory is already gone
+        if rss == 0:  # mid-exit (its memory already released, not yet a zombie): nothing left to watch
             continue
         label = "driver" if p.pid == me.pid else process_label(p)
         if label == "gone":
