@@ -87,6 +87,10 @@ class ModelConfig(_Strict):
                             "fp32: BENCHMARKS.md), float32 elsewhere")
     device: str = "cpu"
     max_context: int = Field(2048, ge=16, description="prompt + generated tokens, at most the model's own limit")
+    chat_template: Optional[str] = Field(
+        None, description="a Jinja chat template replacing the tokenizer's own (vLLM's --chat-template): a file, or "
+                          "the name of one shipped in onspec/actors/data/templates (hermes_tools: ChatML that "
+                          "renders tools, for tool_choice auto); None: the model's own")
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
     skinny_linear: bool = Field(True, description="on the CPU, compute few-row linears as W @ x^T "
                                                   "(actors/skinny_linear.py)")
@@ -163,6 +167,9 @@ class ServerConfig(_Strict):
     served_model_name: Optional[str] = Field(None, description="the `model` clients send; None: model.name")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
     max_tokens_limit: int = Field(4096, ge=1, description="larger max_tokens is rejected as absurd (400)")
+    tool_call_parser: Optional[Literal["hermes"]] = Field(
+        None, description="how calls are read from the model's text for tool_choice auto (vLLM's "
+                          "--tool-call-parser); None: auto gets 400. Needs a chat template that renders tools")
     max_ongoing_requests: int = Field(16, ge=1, description="requests Ray Serve sends one engine replica at once "
                                                             "(its batch and its queue)")
     max_queued_requests: int = Field(256, ge=-1, description="requests waiting for a replica; beyond: 503")

@@ -157,10 +157,18 @@ class SpeculativeEngine:
                    cfg.server.max_batch, cfg.server.prefill_chunk, cfg.drafter.dtype)
 
     # ---- prompts -------------------------------------------------------------------------------------------
-    def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+    def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
+               tools: list[dict] | None = None) -> list[int]:
+        """A prompt's ids, or a conversation's through the chat template (with ``tools`` described, when the
+        template renders them: RequestError otherwise, since the model would answer without knowing them)."""
         if messages is not None:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)["input_ids"]
+            render = self.tokenizer.apply_chat_template
+            ids = render(messages, tools=tools or None, add_generation_prompt=True, tokenize=True,
+                         return_dict=True)["input_ids"]
+            if tools and list(ids) == list(render(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"]):
+                raise RequestError("the served chat template does not render tools, so tool_choice \"auto\" "
+                                   "cannot work; serve one that does (model.chat_template, e.g. hermes_tools)")
         else:
             ids = self.tokenizer(prompt or "", add_special_tokens=False)["input_ids"]
         return list(ids)

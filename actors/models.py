@@ -107,7 +107,21 @@ def load_target(cfg: ModelConfig, data_dir: Path):
     if cfg.skinny_linear:
         use_skinny_linear(model)
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if cfg.chat_template:
+        tok.chat_template = chat_template_text(cfg.chat_template)
     return model, tok
+
+
+def chat_template_text(spec: str) -> str:
+    """model.chat_template's Jinja text: a file, or the name of a template shipped in actors/data/templates."""
+    shipped = resources.files("onspec.actors") / "data" / "templates" / f"{spec}.jinja"
+    path = Path(str(shipped)) if "/" not in spec and shipped.is_file() else Path(spec).expanduser()
+    try:
+        return path.read_text()
+    except OSError as e:
+        names = sorted(p.name.removesuffix(".jinja") for p in (resources.files("onspec.actors") / "data" /
+                                                                "templates").iterdir())
+        raise ModelLoadError(f"model.chat_template {spec!r}: {e.strerror or e} (a file, or one of {names})") from None
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:

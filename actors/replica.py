@@ -4,8 +4,8 @@ stream logger. A plain class: tests call it directly; cluster/serve.py wraps it 
 A request is a dict (cluster/api/ validated it): ``prompt`` or ``messages``, ``max_tokens`` (0: score the prompt
 only), ``temperature``, ``top_p``, ``top_k``, ``seed``, the sampling controls of SamplingParams
 (``frequency_penalty`` ... ``min_p``), ``stop`` (strings), ``logprobs`` (None or how many alternatives),
-``prompt_logprobs`` (the same, for the prompt's tokens), ``label``, ``request_id``. ``stream``
-yields events (dicts with a ``type``):
+``prompt_logprobs`` (the same, for the prompt's tokens), ``tools`` (for the chat template), ``label``,
+``request_id``. ``stream`` yields events (dicts with a ``type``):
   start  {prompt_tokens, prompt_ids, prompt_logprobs?}   the prompt was accepted; tokens follow
   delta  {text, token_ids, logprobs?}          new text of one verification round
   end    {finish_reason, usage, replica}       usage: token counts and acceptance figures
@@ -106,6 +106,11 @@ class Replica:
         self.observer_s += time.perf_counter() - t
 
     # ---- requests --------------------------------------------------------------------------------------------
+    def _encode(self, req: dict) -> list[int]:
+        if req.get("tools"):  # only tool_choice "auto" sends them: the template describes them to the model
+            return self.engine.encode(req.get("prompt"), req.get("messages"), tools=req["tools"])
+        return self.engine.encode(req.get("prompt"), req.get("messages"))
+
     def _prepare(self, req: dict) -> tuple[list[int], SamplingParams] | dict:
         param = "messages" if req.get("messages") is not None else "prompt"
         # max_tokens 0 scores the prompt only (echo with logprobs); generation still checks the other fields.
@@ -123,8 +128,9 @@ class Replica:
         except RequestError as e:
             return error_event(str(e), param=str(e).split()[0])
         try:
-            ids = list(req["resume"]["prompt_ids"]) if req.get("resume") else \
-                self.engine.encode(req.get("prompt"), req.get("messages"))
+            ids = list(req["resume"]["prompt_ids"]) if req.get("resume") else self._encode(req)
+        except RequestError as e:  # tools asked of a template that cannot render them
+            return error_event(str(e), param="tool_choice", code="unsupported_value")
         except Exception as e:  # a chat template that rejects the conversation (e.g. bad role order)
             return error_event(f"cannot apply the chat template: {e}", param=param)
         limit = self.cfg.server.max_prompt_tokens  # a request limit of this server: 413, not the model's 400
@@ -180,7 +186,9 @@ class Replica:
         applied) becomes, as generation would see them."""
         param = "messages" if req.get("messages") is not None else "prompt"
         try:
-            ids = self.engine.encode(req.get("prompt"), req.get("messages"))
+            ids = self._encode(req)
+        except RequestError as e:
+            return error_event(str(e), param="tools", code="unsupported_value")
         except Exception as e:  # a chat template that rejects the conversation
             return error_event(f"cannot apply the chat template: {e}", param=param)
         out = {"type": "result", "count": len(ids), "max_model_len": self.engine.max_context, "tokens": ids}

@@ -261,6 +261,9 @@ def cmd_serve(args) -> int:
     from onspec.cluster.serve import Cluster, shown_url
 
     cfg = serve_config(args)
+    if cfg.model.chat_template:  # a template the replicas could not read: say so now, not from inside Ray
+        from onspec.actors.models import chat_template_text
+        chat_template_text(cfg.model.chat_template)
     access = bind_message(cfg)
     # Ctrl-C must stop the server even when a script started it in the background (which ignores SIGINT).
     signal.signal(signal.SIGINT, signal.default_int_handler)

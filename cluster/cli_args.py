@@ -43,6 +43,8 @@ def serve_config(args) -> OnspecConfig:
         "server.admin_key_file": getattr(args, "admin_key_file", None),
         "stream.enabled": False if args.no_stream else None,
         "trainer.enabled": False if getattr(args, "no_train", False) else None,
+        "model.chat_template": getattr(args, "chat_template", None),
+        "server.tool_call_parser": getattr(args, "tool_call_parser", None),
     })
 
 
@@ -71,3 +73,8 @@ def server_flags(sp) -> None:
     sp.add_argument("--redis-url", help="Redis for the rejection stream (default: $REDIS_URL, else a "
                                         "private redis-server in the data dir)")
     sp.add_argument("--no-stream", action="store_true", help="do not log rejections")
+    sp.add_argument("--chat-template", help="a Jinja chat template file, or a shipped one by name (hermes_tools: "
+                                            "renders tools), instead of the model's own")
+    sp.add_argument("--tool-call-parser", choices=["hermes"], help="read tool calls from the model's text, for "
+                                                                   "tool_choice auto (needs a template that "
+                                                                   "renders tools)")

@@ -35,7 +35,9 @@ class FakeEngine:
         self.prompts: list[list[int]] = []  # what reached generation (tests look)
         self.active = []
 
-    def encode(self, prompt=None, messages=None):
+    def encode(self, prompt=None, messages=None, tools=None):
+        if tools:  # the fake "template" joins the messages' words: it has no place for tools
+            raise RequestError("the served chat template does not render tools")
         text = prompt if messages is None else " ".join(m["content"] for m in messages)
         return [len(w) for w in (text or "").split()]
 

@@ -50,6 +50,22 @@ def test_a_field_that_would_change_the_answer_is_refused_by_name(client, path, b
     assert r.json()["error"]["param"] == field and field in r.json()["error"]["message"]
 
 
+def test_tool_choice_auto_needs_a_parser_and_a_template_that_renders_tools(tmp_path):
+    body = {**CHAT, "tools": [TOOL], "tool_choice": "auto"}
+    cfg = OnspecConfig(data_dir=tmp_path)
+    with TestClient(create_app(cfg, ReplicaBackend(cfg))) as c:
+        r = c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and "server.tool_call_parser" in r.json()["error"]["message"]
+    cfg = cfg.merged(**{"server.tool_call_parser": "hermes"})
+    with TestClient(create_app(cfg, ReplicaBackend(cfg))) as c:
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+        assert "does not render tools" in r.json()["error"]["message"]
+        # the tools reach the template only when the model decides: a named call stays grammar-shaped
+        named = {**body, "tool_choice": {"type": "function", "function": {"name": "f"}}}
+        assert c.post("/v1/chat/completions", json=named).status_code == 200
+
+
 @pytest.mark.parametrize("path,body", [
     ("/v1/chat/completions", {**CHAT, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {},
                               "response_format": {"type": "text"}, "tools": [], "tool_choice": "none",

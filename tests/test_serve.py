@@ -49,6 +49,9 @@ def cluster(tmp_path_factory):
         "speculation.mode": "fixed", "speculation.fixed_k": 3, "speculation.source": "model",
         # No trainer: these tests promote drafter versions themselves (tests/test_online.py runs one).
         "trainer.enabled": False, "registry.poll_interval_s": 0.2,
+        # tool_choice "auto": a template that renders tools (without tools it renders exactly SmolLM2's own,
+        # tests/test_tool_parser.py) and the parser of its call format
+        "model.chat_template": "hermes_tools", "server.tool_call_parser": "hermes",
     })
     c = Cluster(cfg).start()
     try:
@@ -255,6 +258,48 @@ def test_openai_client_tool_calls(client):
     answer = client.chat.completions.create(model=MODEL, messages=history, max_tokens=12, temperature=0,
                                             tools=[WEATHER], tool_choice="none")
     assert answer.choices[0].message.content and answer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_openai_client_tool_choice_auto(client, real_engine):
+    from onspec.actors.models import chat_template_text
+    from onspec.cluster.api.tool_parsers import HermesToolParser
+
+    def called(city):
+        return {"role": "assistant", "content": None, "tool_calls": [{
+            "id": f"call_{city}", "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}]}
+    # Two earlier calls in the history: the 135M model then answers a third question with a call of its own.
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}, called("Paris"),
+            {"role": "user", "content": "What is the weather in Madrid?"}, called("Madrid"),
+            {"role": "user", "content": "What is the weather in Berlin?"}]
+    res = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=60, temperature=0,
+                                         tools=[WEATHER, TIME])  # "auto": the default with tools
+    choice = res.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Berlin"}
+    # the very call target-only decoding writes under the same template (speculation changes nothing)
+    hist = [{"role": m["role"], "content": m["content"] or "",
+             **({"tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": json.loads(
+                 m["tool_calls"][0]["function"]["arguments"])}}]} if m.get("tool_calls") else {})} for m in msgs]
+    ids = real_engine.tokenizer.apply_chat_template(hist, tools=[WEATHER, TIME], add_generation_prompt=True,
+                                                    chat_template=chat_template_text("hermes_tools"),
+                                                    tokenize=True, return_dict=True)["input_ids"]
+    ref = real_engine.generate(list(ids), SamplingParams(max_tokens=60, temperature=0.0), speculate=False)
+    _, want = HermesToolParser().parse(ref.text, {"get_weather", "get_time"})
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in want] == \
+        [(call.function.name, call.function.arguments)]
+    # streamed: no call text leaks as content, and the call arrives whole
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=60, temperature=0,
+                                                 tools=[WEATHER, TIME], tool_choice="auto", stream=True))
+    assert "".join(c.delta.content or "" for ch in chunks for c in ch.choices) == ""
+    deltas = [d for ch in chunks for c in ch.choices for d in (c.delta.tool_calls or [])]
+    assert [(d.function.name, d.function.arguments) for d in deltas] == [(call.function.name, call.function.arguments)]
+    assert [c.finish_reason for ch in chunks for c in ch.choices if c.finish_reason] == ["tool_calls"]
+    # a question no tool answers: text (the model decided; nothing forced it into a call)
+    res = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell me a joke."}],
+                                         max_tokens=24, temperature=0, tools=[WEATHER], tool_choice="auto")
+    assert res.choices[0].message.content and not res.choices[0].message.tool_calls
 
 
 def test_openai_client_gets_n_choices_stop_strings_usage_and_logprobs(client, real_engine):

@@ -39,3 +39,8 @@ def test_bench_serve_unreachable_url():
 
 def test_bench_serve_bad_counts():
     _refused(onspec("bench", "serve", "--concurrency", "0"), "must be at least 1")
+
+
+def test_chat_template_that_cannot_be_read():
+    _refused(onspec("serve", "--chat-template", "no_such_template", "--tool-call-parser", "hermes"),
+             "model.chat_template 'no_such_template'")

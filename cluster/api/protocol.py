@@ -173,7 +173,8 @@ class ChatCompletionRequest(OpenAIRequest):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="\"required\" or a named function: the arguments are generated under the function's "
-                          "schema; \"auto\" needs a chat template that renders tools (400 otherwise)")
+                          "schema; \"auto\": the model decides, read by server.tool_call_parser "
+                          "through a chat template that renders tools (400 without them)")
     functions: Any = Field(None, description="not supported: only [] (400 otherwise)")
     function_call: Any = Field(None, description="not supported: only \"none\" (400 otherwise)")
     parallel_tool_calls: Any = Field(None, description="accepted as a boolean; onspec makes one call per choice")

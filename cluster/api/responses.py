@@ -254,11 +254,14 @@ class ChatRender(CompletionRender):
     call: one function's arguments, or {"name", "arguments"} of one of several."""
     object = "chat.completion"
 
-    def __init__(self, model: str, calls: list | None = None):
+    def __init__(self, model: str, calls: list | None = None, auto: tuple | None = None):
         super().__init__(model)
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.calls = calls
+        # tool_choice "auto": (parser, the offered functions' names); the model's text is a call or an answer
+        self.auto = auto
         self.streamed: dict[int, str] = {}  # per choice: the call's text so far (streams)
+        self.shown: dict[int, int] = {}     # auto, per choice: characters of that text sent as content
 
     def _call(self, text: str) -> dict | None:
         """The tool call a choice's text makes (None while it is not yet a complete call of several)."""
@@ -274,6 +277,12 @@ class ChatRender(CompletionRender):
                 "function": {"name": name, "arguments": args}}
 
     def _message(self, r: dict) -> tuple[dict, str]:
+        if self.auto:
+            content, made = self.auto[0].parse(r["text"], self.auto[1])
+            if not made:
+                return {"role": "assistant", "content": r["text"]}, r["finish_reason"]
+            reason = "tool_calls" if r["finish_reason"] == "stop" else r["finish_reason"]
+            return {"role": "assistant", "content": content, "tool_calls": made}, reason
         call = self._call(r["text"]) if self.calls else None
         if call is None:
             return {"role": "assistant", "content": r["text"]}, r["finish_reason"]
@@ -297,6 +306,14 @@ class ChatRender(CompletionRender):
                                       "logprobs": None, "finish_reason": None}])]
 
     def delta(self, text: str, i: int = 0, logprobs: list | None = None) -> dict | None:
+        if self.auto:  # text goes out up to where a call may begin; a call goes out whole when the text ends
+            full = self.streamed[i] = self.streamed.get(i, "") + text
+            sent = self.shown.get(i, 0)
+            self.shown[i] = max(sent, self.auto[0].safe_length(full))
+            if self.shown[i] == sent and not logprobs:
+                return None
+            return self._chunk(choices=[{"index": i, "delta": {"content": full[sent:self.shown[i]]},
+                                         "logprobs": chat_logprobs(logprobs), "finish_reason": None}])
         if not self.calls:
             return self._chunk(choices=[{"index": i, "delta": {"content": text},
                                          "logprobs": chat_logprobs(logprobs), "finish_reason": None}])
@@ -312,6 +329,15 @@ class ChatRender(CompletionRender):
                                      "logprobs": chat_logprobs(logprobs), "finish_reason": None}])
 
     def finish(self, reason: str, i: int = 0) -> list[dict]:
+        if self.auto:
+            full, sent = self.streamed.get(i, ""), self.shown.get(i, 0)
+            _, made = self.auto[0].parse(full, self.auto[1])
+            delta = {"tool_calls": [{"index": k, **c} for k, c in enumerate(made)]} if made else \
+                {"content": full[sent:]} if len(full) > sent else None
+            out = [] if delta is None else [self._chunk(choices=[{"index": i, "delta": delta, "logprobs": None,
+                                                                   "finish_reason": None}])]
+            reason = "tool_calls" if made and reason == "stop" else reason
+            return out + [self._chunk(choices=[{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])]
         out, call = [], None
         if self.calls and (len(self.calls) > 1 or i not in self.streamed):
             # Several functions: the call goes out whole now (its name was inside the text); one function

@@ -23,20 +23,27 @@ from onspec.cluster.api.protocol import (NEUTRAL_ONLY, ChatCompletionRequest, Ch
                                          DetokenizeRequest, FunctionDef, OpenAIRequest, TokenizeRequest, read_json,
                                          validated)
 from onspec.cluster.api.responses import ChatRender, CompletionRender, merge_usage, sse
+from onspec.cluster.api.tool_parsers import tool_parser
 from onspec.cluster.dashboard import History
 
 
-def chat_messages(messages: list[ChatMessage]) -> list[dict]:
+def chat_messages(messages: list[ChatMessage], template_calls: bool = False) -> list[dict]:
     """Messages as the chat template takes them: text parts joined, "developer" as "system" (the template has
-    no such role), an assistant's earlier tool calls as the JSON it wrote, a tool's answer under role "tool"."""
+    no such role), a tool's answer under role "tool", and an assistant's earlier tool calls either as the JSON
+    it wrote (a grammar-shaped call) or, with ``template_calls`` (tool_choice "auto"), as ``tool_calls`` for a
+    template that renders them in the model's own call format."""
     out = []
     for m in messages:
         text = m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in m.content)
-        if m.role == "assistant" and m.tool_calls and not text:
-            text = json.dumps([{"name": c.function.name, "arguments": _parsed(c.function.arguments)}
-                               for c in m.tool_calls])
+        calls = [{"type": "function", "function": {"name": c.function.name, "arguments": _parsed(c.function.arguments)}}
+                 for c in (m.tool_calls or []) if m.role == "assistant"]
+        if calls and template_calls:
+            out.append({"role": "assistant", "content": text, "tool_calls": calls})
+            continue
+        if calls and not text:
+            text = json.dumps([c["function"] for c in calls])
         out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
-    if not any((m["content"] or "").strip() for m in out):
+    if not any((m["content"] or "").strip() or m.get("tool_calls") for m in out):
         raise APIError(400, "the messages are empty", param="messages", code="empty_prompt")
     return [{**m, "content": m["content"] or ""} for m in out]
 
@@ -50,10 +57,10 @@ def _parsed(arguments: str | None):
 
 
 # ---- tool calls ----------------------------------------------------------------------------------------------
-def tool_calls_wanted(req: ChatCompletionRequest) -> list[FunctionDef] | None:
-    """The functions a call must be made to (one: a named tool_choice; several: "required", the model picks), or
-    None when the answer is text. "auto" is refused: telling a call from text needs a chat template that renders
-    tools and a parser for its call format, and the served model's template has neither."""
+def tool_calls_wanted(req: ChatCompletionRequest, parser: str | None = None) -> list[FunctionDef] | str | None:
+    """The functions a call must be made to (one: a named tool_choice; several: "required", the model picks),
+    "auto" when the model decides (its text is read by ``parser``, server.tool_call_parser; without one "auto"
+    is refused), or None when the answer is text."""
     tools = {t.function.name: t.function for t in req.tools or []}
     choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
     if choice == "none":
@@ -64,9 +71,12 @@ def tool_calls_wanted(req: ChatCompletionRequest) -> list[FunctionDef] | None:
         raise APIError(400, "response_format and a tool call cannot both shape the answer", param="response_format",
                        code="invalid_value")
     if choice == "auto":
-        raise APIError(400, "tool_choice \"auto\" is not supported: the served model's chat template does not "
-                            "render tools; use \"required\" or name a function ({\"type\": \"function\", "
-                            "\"function\": {\"name\": ...}})", param="tool_choice", code="unsupported_value")
+        if parser is None:
+            raise APIError(400, "tool_choice \"auto\" (the default with tools) needs a server started with "
+                                "server.tool_call_parser and a chat template that renders tools; use \"required\", "
+                                "name a function ({\"type\": \"function\", \"function\": {\"name\": ...}}) or "
+                                "\"none\"", param="tool_choice", code="unsupported_value")
+        return "auto"
     if choice == "required":
         return list(tools.values())
     if choice.function.name not in tools:
@@ -344,8 +354,14 @@ class OpenAIServing:
     async def chat_completions(self, request: Request):
         req = await self.parse(request, ChatCompletionRequest)
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        payload = {"messages": chat_messages(req.messages), **self.sampling(req, limit, 256)}
-        calls = tool_calls_wanted(req)
+        parser = self.cfg.server.tool_call_parser
+        calls = tool_calls_wanted(req, parser)
+        payload = {"messages": chat_messages(req.messages, template_calls=calls == "auto"),
+                   **self.sampling(req, limit, 256)}
+        if calls == "auto":  # the template describes the tools; the parser reads calls from the text
+            payload["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
+            render = ChatRender(self.model_name, auto=(tool_parser(parser), {t.function.name for t in req.tools}))
+            return await self.call("chat_completions", req, payload, render)
         if calls is not None:
             payload["messages"] = with_tools(payload["messages"], calls)
             payload["response_format"] = tool_format(calls)
