@@ -107,10 +107,10 @@ class DrafterConfig(_Strict):
         "feature", description="truncated: the target's first `layers` layers; feature (EAGLE): "
                                  "`feature_layers` decoder layers over the target's last hidden state and the token")
     feature_layers: int = Field(1, ge=1, le=8, description="decoder layers of a feature drafter")
-    dtype: Literal["auto", "float32", "int4"] = Field(
-        "auto", description="the served drafter's weights: auto follows the target (4-bit blocks beside a 4-bit "
-                            "target: 38% cheaper per drafted token for a few points of acceptance; "
-                            "BENCHMARKS.md); the trainer always trains in fp32")
+    dtype: Literal["auto", "float32", "int4", "int8"] = Field(
+        "auto", description="the served drafter's weights: int4 / int8 blocks run on the 4-bit target's kernel; "
+                            "auto is int8 beside a 4-bit target (as cheap a drafted token as int4, with fp32's "
+                            "acceptance; BENCHMARKS.md), else float32; the trainer always trains in fp32")
     base: Literal["pretrained", "derived"] = Field(
         "pretrained", description="the drafter served before any online training: the pretrained one shipped "
                                   "with the package (`onspec drafter pretrain`) where it fits the target and "

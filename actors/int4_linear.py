@@ -47,12 +47,23 @@ def q4_1_codes(raw: np.ndarray, in_features: int) -> tuple[torch.Tensor, torch.T
     return torch.from_numpy(q.astype(np.int32)), torch.from_numpy(d), torch.from_numpy(m)
 
 
-class Int4Linear(nn.Module):
-    """y = x W^T with W = d * q + m per block of 32 inputs, on torch's int4 CPU matmul (bf16 inside)."""
+def q8_as_4bit(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """8-bit blocks w = d * q (q in -128..127) as 4-bit blocks over the input written twice, [x, x]: q = 16 hi +
+    lo with hi = (q >> 4) in -8..7 and lo = q & 15, so x . w = x . (16 d (hi + 8) - 128 d) + x . (d lo). Returns
+    4-bit codes [N, 2K] (every hi group, then every lo group), scales and minimums [N, 2K / 32] (w = d q + m)."""
+    hi, lo = (q >> 4) + 8, q & 0x0F
+    return torch.cat([hi, lo], dim=1), torch.cat([16 * d, d], dim=1), torch.cat([-128 * d, torch.zeros_like(d)], dim=1)
 
-    def __init__(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bias: torch.Tensor | None = None):
+
+class Int4Linear(nn.Module):
+    """y = x W^T with W = d * q + m per block of 32 inputs, on torch's int4 CPU matmul (bf16 inside). With
+    ``repeat`` 2 the blocks are 8-bit ones (``q8_as_4bit``) and the input is written twice."""
+
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bias: torch.Tensor | None = None,
+                 repeat: int = 1):
         super().__init__()
-        self.out_features, self.in_features = q.shape
+        self.out_features, self.in_features = q.shape[0], q.shape[1] // repeat
+        self.repeat = repeat
         self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
         # (q - 8) * s + z == d * q + m with s = d, z = m + 8 d; the kernel takes [K / 32, N, 2].
         sz = torch.stack([d.t(), (m + 8 * d).t()], dim=-1).contiguous()
@@ -66,30 +77,44 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Int4Linear":
-        """4-bit blocks of a float weight, as llama.cpp's Q4_1 makes them: per 32 inputs, m = min and
-        d = (max - min) / 15, q = round((w - m) / d). For weights no file holds in 4 bits (a trained drafter)."""
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, bits: int = 4) -> "Int4Linear":
+        """Blocks of a float weight, for weights no file holds quantized (a trained drafter). 4 bits as llama.cpp's
+        Q4_1 makes them: per 32 inputs, m = min and d = (max - min) / 15, q = round((w - m) / d); 8 bits as its
+        Q8_0: d = max |w| / 127, q = round(w / d)."""
         w = weight.detach().float()
         n, k = w.shape
         g = w.view(n, k // GROUP, GROUP)
+        if bits == 8:
+            d = (g.abs().amax(-1) / 127).clamp_min(1e-12)
+            q = (g / d[..., None]).round().clamp(-127, 127).view(n, k).to(torch.int32)
+            return cls(*q8_as_4bit(q, d), bias, repeat=2)
+        if bits != 4:
+            raise ValueError(f"bits must be 4 or 8, not {bits}")
         lo, hi = g.amin(-1), g.amax(-1)
         d = ((hi - lo) / 15).clamp_min(1e-12)
         q = ((g - lo[..., None]) / d[..., None]).round().clamp(0, 15).view(n, k)
         return cls(q.to(torch.int32), d, lo, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = int4_mm(x.reshape(-1, self.in_features), self.packed, self.scales_and_zeros)
+        y = int4_mm(repeated(x.reshape(-1, self.in_features), self.repeat), self.packed, self.scales_and_zeros)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def dequantized(self) -> torch.Tensor:
-        """The file's weights in fp32: d * q + m, block by block."""
-        n, k = self.out_features, self.in_features
+        """The file's weights in fp32: d * q + m, block by block (an 8-bit block's two halves summed)."""
+        n, k = self.out_features, self.in_features * self.repeat
         q = torch.stack([self.codes & 0x0F, self.codes >> 4], dim=-1).float().view(n, k // GROUP, GROUP)
-        return (self.d.float()[..., None] * q + self.m.float()[..., None]).view(n, k)
+        w = (self.d.float()[..., None] * q + self.m.float()[..., None]).view(n, self.repeat, self.in_features)
+        return w.sum(dim=1)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, Q4_1 blocks of {GROUP}"
+        kind = "Q4_1" if self.repeat == 1 else "8-bit"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind} blocks of {GROUP}"
+
+
+def repeated(x: torch.Tensor, repeat: int) -> torch.Tensor:
+    """The input of a 4-bit product whose weights are 8-bit blocks: [x, x] (q8_as_4bit)."""
+    return x if repeat == 1 else torch.cat([x] * repeat, dim=-1)
 
 
 def q8_0_codes(raw: np.ndarray, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,18 +138,14 @@ class Q8Head(nn.Module):
         super().__init__()
         n, k = q.shape
         self.out_features, self.in_features, self.weight = n, k, weight
-        hi, lo = (q >> 4) + 8, q & 0x0F
-        codes = torch.cat([hi.view(n, -1, GROUP), lo.view(n, -1, GROUP)], dim=1).view(n, 2 * k)
+        codes, d2, m2 = q8_as_4bit(q, d)
         self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1),
                              persistent=False)
-        scales = torch.cat([16 * d, d], dim=1)
-        zeros = torch.cat([torch.zeros_like(d), 8 * d], dim=1)
-        self.register_buffer("scales_and_zeros", torch.stack([scales.t(), zeros.t()], dim=-1).contiguous()
+        self.register_buffer("scales_and_zeros", torch.stack([d2.t(), (m2 + 8 * d2).t()], dim=-1).contiguous()
                              .to(torch.bfloat16), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        y = int4_mm(torch.cat([x2, x2], dim=-1), self.packed, self.scales_and_zeros)
+        y = int4_mm(repeated(x.reshape(-1, self.in_features), 2), self.packed, self.scales_and_zeros)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -196,7 +217,7 @@ class FusedInt4(nn.Module):
 
     def __init__(self, parts: list[Int4Linear]):
         super().__init__()
-        self.in_features = parts[0].in_features
+        self.in_features, self.repeat = parts[0].in_features, parts[0].repeat
         self.sizes = [p.out_features for p in parts]
         codes = torch.cat([p.codes for p in parts])
         q = torch.stack([codes & 0x0F, codes >> 4], dim=-1).view(codes.shape[0], -1).to(torch.int32)
@@ -214,7 +235,7 @@ class FusedInt4(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The parts' outputs side by side, [..., sum(sizes)]."""
-        return int4_mm(x.reshape(-1, self.in_features), self.packed, self.scales_and_zeros) \
+        return int4_mm(repeated(x.reshape(-1, self.in_features), self.repeat), self.packed, self.scales_and_zeros) \
             .reshape(*x.shape[:-1], -1)
 
 
@@ -223,8 +244,8 @@ def fits_kernel(lin: nn.Module) -> bool:
     return isinstance(lin, nn.Linear) and lin.out_features % 16 == 0 and lin.in_features % GROUP == 0
 
 
-def int4_copy(module: nn.Module, shared: dict[int, object] | None = None) -> nn.Module:
-    """A copy of ``module`` with every nn.Linear the kernel fits as 4-bit blocks (``Int4Linear.from_float``)
+def int4_copy(module: nn.Module, shared: dict[int, object] | None = None, bits: int = 4) -> nn.Module:
+    """A copy of ``module`` with every nn.Linear the kernel fits as 4- or 8-bit blocks (``Int4Linear.from_float``)
     and its decoder layers' projections fused: how a drafter follows a 4-bit target (a forward per drafted
     token, so its cost counts as much as its bytes). ``shared`` (id -> object, deepcopy's memo) names tensors
     the copy keeps sharing, e.g. the target's embedding."""
@@ -235,7 +256,7 @@ def int4_copy(module: nn.Module, shared: dict[int, object] | None = None) -> nn.
             continue
         for name, child in list(parent.named_children()):
             if fits_kernel(child):
-                setattr(parent, name, Int4Linear.from_float(child.weight, child.bias))
+                setattr(parent, name, Int4Linear.from_float(child.weight, child.bias, bits))
     for layer in out.modules():
         if hasattr(layer, "self_attn") and hasattr(layer, "mlp") and id(layer) not in shared:
             fuse_projections(layer)
@@ -246,11 +267,13 @@ def fuse_projections(layer: nn.Module) -> None:
     """Give a decoder layer ``self_attn.qkv`` and ``mlp.gate_up`` when its projections are all Int4Linear (the
     position-indexed forward, actors/row_cache.py, uses them when present)."""
     attn, mlp = layer.self_attn, layer.mlp
+    def fusable(parts):
+        return all(isinstance(m, Int4Linear) and m.repeat == parts[0].repeat for m in parts)
     qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-    if all(isinstance(m, Int4Linear) for m in qkv):
+    if fusable(qkv):
         attn.qkv = FusedInt4(qkv)
     gate_up = [mlp.gate_proj, mlp.up_proj]
-    if all(isinstance(m, Int4Linear) for m in gate_up):
+    if fusable(gate_up):
         mlp.gate_up = FusedInt4(gate_up)
 
 

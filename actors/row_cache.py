@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from onspec.actors.int4_linear import Int4Linear, int4_mm
+from onspec.actors.int4_linear import Int4Linear, int4_mm, repeated
 
 
 class RowCache:
@@ -126,6 +126,7 @@ class _Int4Plan:
     o: tuple[torch.Tensor, torch.Tensor]
     gate_up: tuple[torch.Tensor, torch.Tensor]
     down: tuple[torch.Tensor, torch.Tensor]
+    repeat: int  # 2: the linears are 8-bit blocks, their inputs written twice (int4_linear.q8_as_4bit)
 
 
 def _int4_plan(layer) -> _Int4Plan | None:
@@ -137,12 +138,13 @@ def _int4_plan(layer) -> _Int4Plan | None:
     attn, mlp = layer.self_attn, layer.mlp
     plain = all(isinstance(m, Int4Linear) and m.bias is None for m in (attn.o_proj, mlp.down_proj))
     plan = None
-    if plain and hasattr(attn, "qkv") and hasattr(mlp, "gate_up") and isinstance(mlp.act_fn, type(ACT2FN["silu"])):
+    if plain and hasattr(attn, "qkv") and hasattr(mlp, "gate_up") and isinstance(mlp.act_fn, type(ACT2FN["silu"])) \
+            and len({m.repeat for m in (attn.qkv, attn.o_proj, mlp.gate_up, mlp.down_proj)}) == 1:
         pair = (lambda m: (m.packed, m.scales_and_zeros))
         plan = _Int4Plan(layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
                          layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
                          pair(attn.qkv), sum(attn.qkv.sizes[:2]), pair(attn.o_proj), pair(mlp.gate_up),
-                         pair(mlp.down_proj))
+                         pair(mlp.down_proj), attn.o_proj.repeat)
     layer.__dict__["_int4_plan"] = plan
     return plan
 
@@ -151,7 +153,7 @@ def _layer_int4(p: _Int4Plan, h, rope, K, V, where, mask, span, head_dim, spans)
     """``_layer`` for a 4-bit layer from its plan: the same operations in the same order (bitwise the same)."""
     b, T, H = h.shape
     x = F.rms_norm(h, (H,), p.in_w, p.in_eps).view(b * T, H)
-    y = int4_mm(x, *p.qkv)
+    y = int4_mm(repeated(x, p.repeat), *p.qkv)
     qk = y[:, :p.qk_width].view(b, T, -1, head_dim)
     cos, sin = rope
     qk = (qk * cos + qk.roll(head_dim // 2, dims=-1) * sin).transpose(1, 2)
@@ -159,10 +161,10 @@ def _layer_int4(p: _Int4Plan, h, rope, K, V, where, mask, span, head_dim, spans)
     K.scatter_(2, where, qk[:, nq:].to(K.dtype))
     V.scatter_(2, where, y[:, p.qk_width:].view(b, T, -1, head_dim).transpose(1, 2).to(V.dtype))
     o = _attention(qk[:, :nq], K, V, mask, span, spans)
-    h = h + int4_mm(o.transpose(1, 2).reshape(b * T, -1), *p.o).view(b, T, H)
+    h = h + int4_mm(repeated(o.transpose(1, 2).reshape(b * T, -1), p.repeat), *p.o).view(b, T, H)
     x = F.rms_norm(h, (H,), p.post_w, p.post_eps).view(b * T, H)
-    gate, up = int4_mm(x, *p.gate_up).chunk(2, dim=-1)
-    return h + int4_mm(F.silu(gate) * up, *p.down).view(b, T, H)
+    gate, up = int4_mm(repeated(x, p.repeat), *p.gate_up).chunk(2, dim=-1)
+    return h + int4_mm(repeated(F.silu(gate) * up, p.repeat), *p.down).view(b, T, H)
 
 
 def _layer(layer, h, rope, K, V, where, mask, span, head_dim, spans=None):

@@ -74,6 +74,45 @@ def test_int4_from_float_rounds_each_block_to_its_own_grid():
     assert (lin(x) - ref).abs().max() < 0.05 * ref.abs().max()
 
 
+def test_int8_from_float_keeps_a_step_of_max_over_127_and_runs_fused_and_planned():
+    """8-bit blocks (the served drafter's, drafter.dtype int8) on the 4-bit kernel: each weight within half a step
+    of max |w| / 127 of its block, fused projections bitwise their parts, and a decoder layer's plan bitwise its
+    modules."""
+    from transformers import LlamaConfig, LlamaModel
+
+    from onspec.actors.int4_linear import int4_copy
+    from onspec.actors.row_cache import RowCache, body_forward
+
+    g = torch.Generator().manual_seed(4)
+    w, b = torch.randn(32, 64, generator=g), torch.randn(32, generator=g)
+    lin = Int4Linear.from_float(w, b, bits=8)
+    step = w.view(32, 2, GROUP).abs().amax(-1) / 127
+    err = (lin.dequantized() - w).abs().view(32, 2, GROUP)
+    assert lin.repeat == 2 and (err <= step[..., None] * 0.55).all()  # half a step, and fp16 scales
+    assert err.max() < 0.1 * (Int4Linear.from_float(w).dequantized() - w).abs().max()  # finer than 4 bits
+    x = torch.randn(3, 64, generator=g)
+    ref = x @ lin.dequantized().t() + b
+    assert (lin(x) - ref).abs().max() < 0.02 * ref.abs().max()
+    torch.manual_seed(5)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    body = int4_copy(LlamaModel(cfg).eval(), bits=8)
+    layer = body.layers[0]
+    qkv = torch.cat([m(x) for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)], -1)
+    assert torch.equal(layer.self_attn.qkv(x), qkv)
+    ids = torch.randint(0, 64, (1, 6), generator=g)
+    with torch.inference_mode():
+        out = {}
+        for path in ("plan", "modules"):
+            for layer in body.layers:
+                layer.__dict__["_int4_plan"] = False if path == "plan" else None  # None: the modules' path
+            cache = RowCache(body, 1, 16)
+            out[path] = body_forward(body, body.embed_tokens(ids), cache, 0, torch.tensor([0]))
+            if path == "plan":
+                assert body.layers[0].__dict__["_int4_plan"].repeat == 2  # the plan ran, over 8-bit blocks
+        assert torch.equal(out["plan"], out["modules"])
+
+
 @pytest.fixture(scope="module")
 def int4_engine():
     from onspec.actors.engine import SpeculativeEngine
@@ -99,8 +138,8 @@ def test_int4_serves_exactly_the_files_weights(int4_engine):
 
 @pytest.mark.real_model
 def test_the_drafter_follows_the_4bit_target(int4_engine):
-    """Served in 4 bits beside a 4-bit target, sharing its embedding; the drafter handed in stays as it was (the
-    trainer's and the registry's copy)."""
+    """Served in 8-bit blocks on the 4-bit kernel beside a 4-bit target (drafter.dtype auto), sharing its
+    embedding; the drafter handed in stays as it was (the trainer's and the registry's copy)."""
     from onspec.actors.config import DrafterConfig
     from onspec.actors.int4_linear import FusedInt4
     from onspec.actors.models import make_drafter
@@ -110,6 +149,7 @@ def test_the_drafter_follows_the_4bit_target(int4_engine):
 
     served = int4_engine.drafter
     assert served.served_int4 and linears(served) == 0
+    assert {m.repeat for m in served.modules() if isinstance(m, Int4Linear)} == {2}
     assert any(isinstance(m, FusedInt4) for m in served.modules())
     assert served.body.embed_tokens.weight is int4_engine.target.model.embed_tokens.weight
     assert int4_engine.for_serving(served) is served  # already served: not copied again
