@@ -28,6 +28,11 @@ class DraftController:
         self.plain_steps = 0
         self.probe_interval = self.cfg.probe_interval
         self.probing = False
+        # What single-row rounds really took (wall seconds, drafting and bookkeeping included) and gave: a
+        # model round pays a drafter forward even when AdaEDL stops before its first draft, which alpha (per
+        # drafted token) never sees. None until such a round was observed.
+        self.plain_time: float | None = None
+        self.rounds: dict[str, tuple[float, float]] = {}  # "model" / "suffix": (EMA seconds, EMA tokens)
 
     @property
     def entropy_threshold(self) -> float | None:
@@ -40,6 +45,8 @@ class DraftController:
             return self.cfg.max_draft
         k, _ = best_draft_length(self.alpha, self.draft_cost * self.draft_scale, self.verify_cost,
                                  self.cfg.max_draft)
+        if k > 0 and self.model_speedup() < 1.0:  # what model rounds really gave is less than plain decoding
+            k = 0
         self.probing = False
         if k == 0:
             self.plain_steps += 1
@@ -47,6 +54,39 @@ class DraftController:
                 self.plain_steps, self.probing = 0, True
                 return 1
         return k
+
+    def model_speedup(self) -> float:
+        """Model rounds' tokens per second over plain rounds', as observed (each side's wall time per round, an
+        EMA); Leviathan et al.'s prediction from alpha and the calibrated costs until both were observed."""
+        predicted = best_draft_length(self.alpha, self.draft_cost * self.draft_scale, self.verify_cost,
+                                      self.cfg.max_draft)[1]
+        realized = self.realized_speedup("model")
+        return predicted if realized is None else min(predicted, realized)
+
+    def realized_speedup(self, source: str) -> float | None:
+        """Tokens per second of ``source``'s rounds over plain rounds', as observed; None before its first."""
+        if source not in self.rounds:
+            return None
+        seconds, tokens = self.rounds[source]
+        return tokens / seconds * (self.plain_time if self.plain_time is not None else self.verify_cost[0])
+
+    def observe_round(self, source: str, tokens: int, seconds: float) -> None:
+        """A single-row round's wall time and tokens, by its planned source ("model" even when AdaEDL stopped
+        before the first draft; "none": plain decoding)."""
+        ema = 0.95  # a round's time varies with the machine's load: a longer memory than acceptance's
+        if source == "none":
+            self.plain_time = seconds if self.plain_time is None else ema * self.plain_time + (1 - ema) * seconds
+        elif source in self.rounds:
+            s, t = self.rounds[source]
+            self.rounds[source] = (ema * s + (1 - ema) * seconds, ema * t + (1 - ema) * tokens)
+        else:
+            self.rounds[source] = (seconds, float(tokens))
+        if source == "model" and self.probing:
+            # A probe of a drafter whose rounds still lose to plain decoding: probe less often (a new drafter
+            # resets the controller, so it is tried afresh).
+            slow = self.realized_speedup("model") < 1.0
+            self.probe_interval = min(self.probe_interval * 2, self.cfg.probe_interval_max) if slow \
+                else self.cfg.probe_interval
 
     def observe_slots(self, cap: int, accepted: int) -> None:
         if cap > 0:
@@ -59,7 +99,7 @@ class DraftController:
         ema = self.cfg.acceptance_ema
         self.alpha = ema * self.alpha + (1 - ema) * accepted / drafted
         self.adaedl = adaedl_update(self.adaedl, drafted, accepted, cap)
-        if self.probing:
+        if self.probing and "model" not in self.rounds:  # no single-row round timed yet (observe_round)
             grow = accepted == 0
             self.probe_interval = min(self.probe_interval * 2, self.cfg.probe_interval_max) if grow \
                 else self.cfg.probe_interval

@@ -134,6 +134,28 @@ def test_a_poor_drafter_backs_off_to_plain_decoding():
     assert eng.controller.draft_cap() in (0, 1)
 
 
+def test_model_rounds_that_lose_to_plain_ones_stop_drafting_and_probe_less_often():
+    """A round of the drafter model costs a drafter forward even when AdaEDL stops before the first draft, which
+    the acceptance estimate (per drafted token) never sees: the controller also weighs what rounds gave."""
+    from onspec.actors.config import SpeculationConfig
+    from onspec.actors.draft_control import DraftController
+
+    ctl = DraftController(SpeculationConfig(probe_interval=2, probe_interval_max=8))
+    ctl.verify_cost, ctl.draft_cost, ctl.alpha = [1.0, 1.05, 1.1, 1.15, 1.2], 0.1, 0.8
+    assert ctl.draft_cap() > 0  # predicted from alpha: drafting pays
+    ctl.observe_round("none", 1, 1.0)
+    ctl.observe_round("model", 1.1, 1.6)  # what model rounds really gave: 1.1 tokens for 1.6 plain rounds' time
+    assert ctl.model_speedup() < 1.0
+    caps = []
+    for _ in range(30):
+        caps.append(ctl.draft_cap())
+        if caps[-1]:
+            ctl.observe_round("model", 1, 1.6)  # the probe loses too
+    assert set(caps) == {0, 1} and caps.count(1) <= 5 and ctl.probe_interval == 8  # probes, ever fewer (2, 4, 8)
+    ctl.reset()  # a new drafter: tried afresh
+    assert ctl.draft_cap() > 0
+
+
 def test_request_errors():
     eng = tiny_engine()
     with pytest.raises(RequestError, match="empty"):

@@ -129,6 +129,21 @@ def test_hybrid_prefers_the_suffix_only_when_it_pays():
     assert eng._suffix_pays(SuffixDraft([1, 2, 3, 4, 5, 6], [1.0] * 6, 12))
     eng.controller.alpha = 0.0  # a useless drafter: any likely suffix draft beats plain decoding
     assert eng._suffix_pays(SuffixDraft([1], [0.5], 2))
+    # As observed: the drafter model's rounds lose to plain ones (1.2 tokens in 1.5x the time), so even an
+    # unsure proposal is taken, as suffix-only decoding takes it
+    eng.controller.alpha = 0.9
+    weak = SuffixDraft([1, 2], [0.3, 0.1], 2)
+    eng.controller.observe_round("none", 1, 0.010)
+    eng.controller.observe_round("model", 1.2, 0.015)
+    assert eng.controller.model_speedup() < 1.0 and eng._suffix_pays(weak)
+    # model rounds that pay (2.5 tokens in 1.2x the time) and suffix rounds that did worse: the score decides
+    eng.controller.reset()
+    eng.controller.observe_round("none", 1, 0.010)
+    eng.controller.observe_round("model", 2.5, 0.012)
+    eng.controller.observe_round("suffix", 1.1, 0.012)
+    assert not eng._suffix_pays(weak)
+    eng.controller.observe_round("suffix", 40, 0.012)  # now suffix rounds have done better than the model's
+    assert eng._suffix_pays(weak)
 
 
 def test_repeated_requests_get_drafts_from_the_suffix_source_on_the_real_model(real_engine):
