@@ -598,6 +598,18 @@ class SpeculativeEngine:
         suffix_rate = (1.0 + self.suffix_trust * d.score) / self._verify_cost(len(d.tokens) + 1)
         return suffix_rate > max(1.0, model) / ctl.verify_cost[0]
 
+    def _trimmed(self, d: SuffixDraft) -> SuffixDraft | None:
+        """The prefix of a suffix draft with the most expected tokens per second of verification (the index's
+        cumulative probabilities against the calibrated forward costs, which jump where the 4-bit kernel starts
+        another block of rows; flat costs trim nothing); None when no prefix beats plain decoding. (The index's
+        raw probabilities, not scaled by ``suffix_trust``: measured better, BENCHMARKS.md.)"""
+        best, rate, expected = 0, 1.0 / self._verify_cost(1), 1.0
+        for n, p in enumerate(d.probs, 1):
+            expected += p
+            if expected / self._verify_cost(n + 1) > rate:
+                best, rate = n, expected / self._verify_cost(n + 1)
+        return SuffixDraft(d.tokens[:best], d.probs[:best], d.match_len) if best else None
+
     def _plan(self, seq: _Sequence, cap: int) -> tuple[str, int, SuffixDraft | None]:
         """A row's source this round and, for the model, its draft cap (``cap``: the batch's model cap)."""
         room = min(self.max_context - len(seq.tokens) - 1, seq.budget - seq.produced)
@@ -606,6 +618,7 @@ class SpeculativeEngine:
         source = self.spec.source
         if source != "model":
             d = self._suffix_draft(seq, room)
+            d = self._trimmed(d) if d is not None else None
             if d is not None and (source == "suffix" or self._suffix_pays(d)):
                 return "suffix", len(d.tokens), d
             if source == "suffix":

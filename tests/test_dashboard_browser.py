@@ -103,14 +103,16 @@ def server(tmp_path, real_engine):
     redis_server = RedisServer(tmp_path / "redis").start()
     reg = DrafterRegistry.from_url(redis_server.url, tmp_path / "data", PREFIX)
     original, mode, dtype = real_engine.drafter, real_engine.spec.mode, real_engine.drafter_dtype
+    source = real_engine.spec.source
     real_engine.drafter_dtype = "float32"  # v1 served as the target's own weights, not rounded again to 4 bits
     base = reg.ensure_registered(original)
     t = real_engine.target
     # v1 is of the truncated kind whatever the default: a swap across kinds and back.
     reg.register(derive_drafter(t, t.config.num_hidden_layers, t.config.vocab_size), parent=base,
                  version="v1")
-    # Fixed-length drafts: the cost model would (rightly) never draft with a drafter as slow as the target.
-    real_engine.spec.mode = "fixed"
+    # Fixed-length drafts from the drafter model only: the cost model would (rightly) never draft with a
+    # drafter as slow as the target, and hybrid would (rightly) take suffix drafts instead of its.
+    real_engine.spec.mode, real_engine.spec.source = "fixed", "model"
     cfg = OnspecConfig(data_dir=tmp_path / "data").merged(**{"redis.url": redis_server.url,
                                                            "registry.prefix": PREFIX})
     replica = Replica(cfg, engine=real_engine, replica_id="replica-0")
@@ -126,7 +128,7 @@ def server(tmp_path, real_engine):
         real_engine.apply_pending_swap()
         real_engine.drafter_dtype = dtype
         real_engine.set_drafter(original)  # the session's engine goes back as it was
-        real_engine.spec.mode = mode
+        real_engine.spec.mode, real_engine.spec.source = mode, source
         reg.r.close()
         redis_server.stop()
         shutil.rmtree(tmp_path / "data", ignore_errors=True)  # v1 is the size of the target

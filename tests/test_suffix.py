@@ -119,6 +119,18 @@ def test_sampling_with_suffix_drafts_matches_the_target_alone(monkeypatch):
     assert tvd < 0.15, tvd
 
 
+def test_a_suffix_draft_is_cut_where_verifying_more_stops_paying():
+    from onspec.actors.suffix_index import SuffixDraft
+    eng = tiny_engine(drafter_layers=1, source="suffix")
+    # verifying 5 tokens costs a step more than 4 (the 4-bit kernel's blocks of 4 rows)
+    eng.controller.verify_cost = [1.0, 1.05, 1.1, 1.15, 2.0, 2.05, 2.1]
+    d = SuffixDraft([5, 6, 7, 8, 9, 10], [0.9, 0.8, 0.7, 0.3, 0.2, 0.1], 4)
+    assert eng._trimmed(d).tokens == [5, 6, 7]  # 3.4 tokens for 1.15 beats 3.7 for 2.0
+    assert eng._trimmed(SuffixDraft([5], [0.01], 1)) is None  # 1.01 tokens for 1.05: worse than plain
+    eng.controller.verify_cost = [1.0] * 7  # flat costs (a GPU's): nothing is cut
+    assert eng._trimmed(d).tokens == d.tokens
+
+
 def test_hybrid_prefers_the_suffix_only_when_it_pays():
     eng = tiny_engine(drafter_layers=3, source="hybrid", cost_aware=True)
     eng.controller.verify_cost = [1.0] * 20
