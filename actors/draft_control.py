@@ -43,9 +43,9 @@ class DraftController:
             return self.cfg.fixed_k
         if not self.cfg.cost_aware:
             return self.cfg.max_draft
-        k, _ = best_draft_length(self.alpha, self.draft_cost * self.draft_scale, self.verify_cost,
-                                 self.cfg.max_draft)
-        if k > 0 and self.model_speedup() < 1.0:  # what model rounds really gave is less than plain decoding
+        k, predicted = best_draft_length(self.alpha, self.draft_cost * self.draft_scale, self.verify_cost,
+                                         self.cfg.max_draft)
+        if k > 0 and self.model_speedup(predicted) < 1.0:  # what model rounds really gave is less than plain decoding
             k = 0
         self.probing = False
         if k == 0:
@@ -55,11 +55,13 @@ class DraftController:
                 return 1
         return k
 
-    def model_speedup(self) -> float:
+    def model_speedup(self, predicted: float | None = None) -> float:
         """Model rounds' tokens per second over plain rounds', as observed (each side's wall time per round, an
-        EMA); Leviathan et al.'s prediction from alpha and the calibrated costs until both were observed."""
-        predicted = best_draft_length(self.alpha, self.draft_cost * self.draft_scale, self.verify_cost,
-                                      self.cfg.max_draft)[1]
+        EMA), at most Leviathan et al.'s prediction from alpha and the calibrated costs (``predicted``, when the
+        caller has it), which stands alone until model rounds were observed."""
+        if predicted is None:
+            predicted = best_draft_length(self.alpha, self.draft_cost * self.draft_scale, self.verify_cost,
+                                          self.cfg.max_draft)[1]
         realized = self.realized_speedup("model")
         return predicted if realized is None else min(predicted, realized)
 

@@ -584,13 +584,14 @@ class SpeculativeEngine:
         return costs[n - 1] if n <= len(costs) else costs[-1] * n / len(costs)
 
     def _suffix_pays(self, d: SuffixDraft) -> bool:
-        """Hybrid rule: expected tokens per second of this suffix draft vs the best the drafter model (or plain
-        decoding) is expected to give, both from the costs measured by ``calibrate`` (Leviathan et al. eq. 1
-        for the model; the index's own score, scaled by how well it has predicted so far, for the suffix)."""
+        """Hybrid rule: take the suffix draft while the drafter model's rounds do not pay (DraftController.
+        model_speedup: realized against plain rounds, at most Leviathan et al.'s prediction) or suffix rounds
+        have realized more; otherwise compare this draft's expected tokens per second (the index's score,
+        scaled by how well it has predicted so far) with the model's, both on the costs ``calibrate`` measured."""
         ctl = self.controller
         model = ctl.model_speedup()
         # While model rounds lose to plain decoding, or suffix rounds have done better than them, every proposal
-        # is taken, as suffix-only decoding does: its drafts cost no forward, and the index's own score
+        # is taken, as suffix-only decoding does: its drafts cost no forward, and the trust-scaled score
         # underrates what its rounds really yield here (BENCHMARKS.md, "hybrid from realized rates").
         realized = ctl.realized_speedup("suffix")
         if model <= 1.0 or (realized is not None and realized >= model):
