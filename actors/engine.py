@@ -570,14 +570,36 @@ class SpeculativeEngine:
         if len(seq.tokens) > seq.indexed:
             seq.suffix.append(seq.tokens[seq.indexed:])
             seq.indexed = len(seq.tokens)
-        c = self.suffix_cfg
-        cap = min(cap, c.max_draft)
-        best = None
+        cap = min(cap, self.suffix_cfg.max_draft)
+        if seq.constraint is None:
+            return self._suffix_proposal(seq, cap)
+        return self._structured_draft(seq, cap)
+
+    def _suffix_proposal(self, seq: _Sequence, cap: int) -> SuffixDraft | None:
+        c, best = self.suffix_cfg, None
         for index in (seq.suffix, self.suffix_index):
             d = index.propose(seq.tokens, cap, c.alpha, c.min_prob)
             if d is not None and (best is None or d.score > best.score):
                 best = d
         return best
+
+    def _structured_draft(self, seq: _Sequence, cap: int) -> SuffixDraft | None:
+        """A draft for a row under a grammar: what the grammar forces next when it forces anything (xgrammar's
+        jump-forward tokens: a property name of a strict schema, the rest of an enum value), counted certain;
+        otherwise the indexes' proposal cut before the first token the grammar forbids, which could only be
+        rejected and would make the verification wider for nothing. Measured on bench/prompts/json.jsonl:
+        cutting keeps every accepted token and drafts 18% fewer; joining proposals after a forced run made
+        longer drafts that lost more than the forced tokens won (docs/structured_outputs.md)."""
+        g = seq.constraint
+        forced = g.forced()[:cap]
+        if forced:
+            return SuffixDraft(forced, [1.0] * len(forced), 0)
+        d = self._suffix_proposal(seq, cap)
+        if d is None:
+            return None
+        took = g.advance(d.tokens)
+        g.rewind(took)
+        return SuffixDraft(d.tokens[:took], d.probs[:took], d.match_len) if took else None
 
     def _verify_cost(self, n: int) -> float:
         costs = self.controller.verify_cost

@@ -181,6 +181,27 @@ class Constraint:
         the first rejection, so they are never used. The matcher ends where it started."""
         return unpack(self.bitmasks_for(drafts), self.vocab_size)
 
+    # -- drafting ------------------------------------------------------------------------------------------
+    def forced(self) -> list[int]:
+        """The tokens the grammar forces next (xgrammar's jump-forward tokens: a property name in a strict
+        schema, the rest of an enum value once it is unambiguous); empty where the model has a choice. Its
+        tokenization may differ from the model's: as a draft, verification decides."""
+        return self._m.find_jump_forward_tokens()
+
+    def advance(self, tokens: Iterable[int]) -> int:
+        """Accept ``tokens`` up to the first the grammar forbids; returns how many were taken. For drafting
+        only: ``rewind`` undoes it (``commit`` is what advances for good)."""
+        n = 0
+        for t in tokens:
+            if not self._m.accept_token(int(t)):
+                break
+            n += 1
+        return n
+
+    def rewind(self, n: int) -> None:
+        if n:
+            self._m.rollback(n)
+
     # -- state ---------------------------------------------------------------------------------------------
     def commit(self, tokens: Iterable[int]) -> None:
         """Advance for good by the tokens the round emitted (accepted drafts + correction/bonus). A token
