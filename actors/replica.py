@@ -17,6 +17,7 @@ between rounds and leave when done, or when their caller goes away (a client dis
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -25,6 +26,9 @@ from typing import AsyncIterator, Callable, Iterator
 
 from onspec.actors.requests import GenerationStats, RequestError, SamplingParams
 from onspec.actors.config import OnspecConfig
+
+log = logging.getLogger(__name__)
+
 
 def error_event(message: str, param: str | None = None, code: str | None = None, status: int = 400,
                 type: str = "invalid_request_error") -> dict:
@@ -55,6 +59,14 @@ class _Job:
         self.hold = max((len(s) for s in self.stop), default=1) - 1  # chars that may yet become a stop string
         self.logprobs: list = []             # (token id, logprob, top) not yet streamed
         self.done = False
+
+    def send(self, ev: dict) -> None:
+        """Hand an event to the caller. A caller that is gone (its event loop closed) misses it: its cancel is on
+        the way, and the decoding thread must go on for every other request."""
+        try:
+            self.emit(ev)
+        except Exception:  # noqa: BLE001 -- whatever the caller's side raises, it is the caller's loss alone
+            log.debug("a request's caller is gone; dropped a %s event", ev.get("type"))
 
 
 class Replica:
@@ -222,7 +234,7 @@ class Replica:
                     cmd = self._inbox.get(block=block)
                 except queue.Empty:
                     break
-                self._command(cmd, jobs)
+                self._guarded(self._command, cmd, jobs, job=cmd[1] if isinstance(cmd[1], _Job) else None)
                 block = False
             if self._closed:
                 return
@@ -240,7 +252,18 @@ class Replica:
             for seq in touched:
                 job = jobs.get(id(seq))
                 if job is not None:
-                    self._emit_tokens(job, seq, jobs)
+                    self._guarded(self._emit_tokens, job, seq, jobs, job=job)
+
+    def _guarded(self, fn, *args, job: _Job | None) -> None:
+        """One request's failure (a bug in its handling, a tokenizer error) fails that request with a server
+        error: an exception here would end the decoding thread, and every request after it would hang."""
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001
+            log.exception("handling a request failed")
+            if job is not None:
+                self._fail(job, args[-1], error_event(f"request failed: {type(e).__name__}: {e}", status=500,
+                                                      type="server_error"))
 
     def _command(self, cmd, jobs: dict) -> None:
         kind, job = cmd
@@ -265,7 +288,7 @@ class Replica:
             params.min_tokens = max(0, params.min_tokens - len(job.out))
             if params.max_tokens < 1:  # it had streamed everything: only its end was lost
                 job.stats.prompt_tokens, job.stats.completion_tokens = len(resume["prompt_ids"]), len(job.out)
-                job.emit({"type": "end", "finish_reason": "length", "usage": usage_of(job.stats),
+                job.send({"type": "end", "finish_reason": "length", "usage": usage_of(job.stats),
                           "replica": self.stats()})
                 self._retire(job, jobs)
                 return
@@ -277,8 +300,8 @@ class Replica:
                 for t, (lp, top) in zip(ids, self.engine.prompt_logprobs(ids, job.req["prompt_logprobs"]))]
         if job.req.get("max_tokens") == 0:  # scoring only: nothing to generate
             job.stats.prompt_tokens = len(ids)
-            job.emit(start)
-            job.emit({"type": "end", "finish_reason": "length", "usage": usage_of(job.stats),
+            job.send(start)
+            job.send({"type": "end", "finish_reason": "length", "usage": usage_of(job.stats),
                       "replica": self.stats()})
             self._retire(job, jobs)
             return
@@ -293,7 +316,7 @@ class Replica:
             job.stats.prompt_tokens = len(resume["prompt_ids"])
             job.stats.completion_tokens = len(job.out)
         jobs[id(job.seq)] = job
-        job.emit(start)
+        job.send(start)
 
     def _emit_tokens(self, job: _Job, seq, jobs: dict) -> None:
         tok = self.engine.tokenizer
@@ -319,12 +342,12 @@ class Replica:
                     ev["logprobs"] = [(tok.decode([t]), lp, [(tok.decode([i]), v) for i, v in top])
                                       for t, lp, top in job.logprobs]
                     job.logprobs = []
-                job.emit(ev)
+                job.send(ev)
                 job.sent += piece
         if finished:
             if job.stats.finish_reason == "cancelled":
                 job.stats.finish_reason = "stop"
-            job.emit({"type": "end", "finish_reason": job.stats.finish_reason or "length",
+            job.send({"type": "end", "finish_reason": job.stats.finish_reason or "length",
                       "usage": usage_of(job.stats), "replica": self.stats()})
             self.generate_s += job.stats.elapsed_s
             self._retire(job, jobs)
@@ -341,7 +364,7 @@ class Replica:
     def _fail(self, job: _Job, jobs: dict, event: dict) -> None:
         if job.seq is not None and not job.seq.finished:
             self.engine.cancel(job.seq)
-        job.emit(event)
+        job.send(event)
         self._retire(job, jobs)
 
     def _retire(self, job: _Job, jobs: dict) -> None:

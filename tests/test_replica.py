@@ -114,3 +114,63 @@ def test_abandoned_stream_frees_the_engine(replica):
     assert res["type"] == "result" and res["usage"]["completion_tokens"] == 4
     assert took < 20, f"the next request waited {took:.1f} s: the abandoned one kept generating"
     assert replica.cancelled == 1
+
+
+def _within(coro, timeout_s: float = 20.0):
+    """Await a replica call with a deadline: a replica whose decoding thread died would never answer."""
+    return asyncio.run(asyncio.wait_for(coro, timeout_s))
+
+
+def _fake_replica(step_gate=None):
+    from tests.fake_backend import FakeEngine
+
+    class Engine(FakeEngine):
+        def step(self):
+            if step_gate is not None:
+                assert step_gate.wait(30), "the test never opened the gate"
+            return super().step()
+
+    return Replica(OnspecConfig(), engine=Engine())
+
+
+def test_a_caller_whose_event_loop_closed_does_not_stop_the_replica():
+    """The caller read the start of its stream and its event loop ended (asyncio.run returned) while its request
+    was still decoding: the replica drops that caller's events and serves the next request."""
+    import threading
+
+    gate = threading.Event()
+    rep = _fake_replica(gate)
+    try:
+        async def read_start():
+            async for ev in rep.astream({"prompt": "a b", "max_tokens": 3}):
+                if ev["type"] == "start":
+                    return
+
+        asyncio.run(read_start())
+        gate.set()  # the abandoned request's tokens now go to a closed loop
+        res = _within(rep.acomplete({"prompt": "c d", "max_tokens": 3}))
+        assert res["type"] == "result" and res["token_ids"] == [1, 2, 3]
+        assert rep._thread.is_alive()
+    finally:
+        gate.set()
+        rep.close()
+
+
+def test_a_request_whose_handling_fails_gets_a_server_error_and_the_rest_go_on(monkeypatch):
+    rep = _fake_replica()
+    plain = Replica._emit_tokens
+
+    def emit_tokens(self, job, seq, jobs):
+        if job.req.get("label") == "boom":
+            raise ValueError("cannot decode")
+        return plain(self, job, seq, jobs)
+
+    monkeypatch.setattr(Replica, "_emit_tokens", emit_tokens)
+    try:
+        failed = _within(rep.acomplete({"prompt": "a b", "max_tokens": 3, "label": "boom"}))
+        assert failed["type"] == "error" and failed["status"] == 500
+        assert "cannot decode" in failed["error"]["message"]
+        res = _within(rep.acomplete({"prompt": "a b", "max_tokens": 3}))
+        assert res["type"] == "result" and res["token_ids"] == [1, 2, 3]
+    finally:
+        rep.close()
