@@ -62,10 +62,17 @@ class RowCache:
             t[dst, :, :length] = t[src, :, :length]
 
 
-def body_forward(body, embeds: torch.Tensor, cache: RowCache, start: int, lengths: torch.Tensor) -> torch.Tensor:
+def body_forward(body, embeds: torch.Tensor, cache: RowCache, start: int, lengths: torch.Tensor,
+                 first_chunk: bool = False) -> torch.Tensor:
     """A LlamaModel's forward (``body``: its layers, rotary embedding and final norm) over ``embeds`` [b, T, H]
     for cache rows ``start .. start+b-1`` holding ``lengths`` [b] positions. Writes the new keys and values at
-    positions lengths[r] + t and returns the post-norm hidden states [b, T, H] (what an lm_head reads)."""
+    positions lengths[r] + t and returns the post-norm hidden states [b, T, H] (what an lm_head reads).
+
+    ``first_chunk``: one empty row's first chunk of prompt. Even in exact mode its attention is then one causal
+    product over the chunk instead of one call per query (5-10x faster). It is not bitwise what single steps
+    would compute, which is safe because a prompt's first chunk is always computed this same way: in
+    speculative and target-only decoding alike, and again when another replica resumes the request (its
+    streamed output follows the first chunk, per query, as it was decoded)."""
     b, T, _ = embeds.shape
     steps = torch.arange(T, device=embeds.device)
     pos = lengths.to(embeds.device)[:, None] + steps                     # [b, T]
@@ -73,7 +80,10 @@ def body_forward(body, embeds: torch.Tensor, cache: RowCache, start: int, length
     cache.ensure(span)
     rope = _rope(body, embeds, pos)
     where = pos[:, None, :, None].expand(b, cache.kv_heads, T, cache.head_dim)
-    if cache.exact:
+    if first_chunk:
+        assert b == 1 and int(lengths.max()) == 0, "first_chunk: one empty row"
+        spans, mask = None, None  # causal over the chunk's own keys (_attention)
+    elif cache.exact:
         spans, mask = (pos + 1).tolist(), None
     else:
         spans, keys = None, torch.arange(span, device=embeds.device)
@@ -90,8 +100,9 @@ def _attention(q, K, V, mask, span, spans):
     exactly its keys 0..spans-1, so that its result is bitwise what a one-token step of that row computes
     (a batched kernel's reduction order depends on the shapes around it)."""
     gqa = q.shape[1] != K.shape[1]
-    if spans is None:
-        return F.scaled_dot_product_attention(q, K[:, :, :span], V[:, :, :span], attn_mask=mask, enable_gqa=gqa)
+    if spans is None:  # no mask: an empty row's first chunk, causal (body_forward's first_chunk)
+        return F.scaled_dot_product_attention(q, K[:, :, :span], V[:, :, :span], attn_mask=mask,
+                                              is_causal=mask is None, enable_gqa=gqa)
     # No mask is needed over exactly the visible keys, and none is faster: CPU SDPA with a mask takes a slow path.
     if len(spans) == 1 and len(spans[0]) == 1:  # one decoding step: no slicing or joining
         return F.scaled_dot_product_attention(q, K[:, :, :span], V[:, :, :span], enable_gqa=gqa)
