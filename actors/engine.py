@@ -438,12 +438,12 @@ class SpeculativeEngine:
             self.sequence_observer(tokens)
 
     # ---- the target ----------------------------------------------------------------------------------------
-    def _target_rows(self, x: torch.Tensor, start: int, lengths: list[int], first_chunk: bool = False
+    def _target_rows(self, x: torch.Tensor, start: int, lengths: list[int], prompt_chunk: bool = False
                      ) -> torch.Tensor:
         """The target's body over ``x`` [b, T] for rows start.. holding ``lengths``: post-norm hidden [b, T, H]."""
         body = self.target.model
         return body_forward(body, body.embed_tokens(x), self.tcache, start,
-                            torch.tensor(lengths, device=self.device), first_chunk)
+                            torch.tensor(lengths, device=self.device), prompt_chunk)
 
     def _keep_features(self, seq: _Sequence, hidden: torch.Tensor) -> None:
         if seq.feats is None:
@@ -459,11 +459,11 @@ class SpeculativeEngine:
         end = seq.prompt_len if whole else min(seq.prompt_len, seq.tlen + self.prefill_chunk)
         while seq.tlen < end:
             stop = min(end, seq.tlen + self.prefill_chunk)
-            first = seq.tlen == 0 and seq.out_start > 0
-            if first:  # the prompt's first chunk in one causal product; a resumed output per query, as decoded
+            prompt = seq.tlen < seq.out_start
+            if prompt:  # the prompt in causal products per chunk; a resumed output per query, as it was decoded
                 stop = min(stop, seq.out_start)
             hidden = self._target_rows(torch.tensor([seq.tokens[seq.tlen:stop]], device=self.device), seq.slot,
-                                       [seq.tlen], first_chunk=first)[0]
+                                       [seq.tlen], prompt_chunk=prompt)[0]
             self._keep_features(seq, hidden)
             seq.tlen = stop
         if seq.tlen < seq.prompt_len:

@@ -122,20 +122,23 @@ def test_prompt_scoring_equals_the_targets_own_forward(real_engine):
 
 
 def test_a_resumed_request_continues_as_the_first_replica_would_have(real_engine, monkeypatch):
-    """A prompt's first chunk is prefilled in one causal product (faster, not bitwise single steps); what a resumed
+    """A prompt is prefilled in one causal product per chunk (faster, not bitwise single steps); what a resumed
     request had already streamed goes through per query, as it was decoded. So another replica, resuming from the
     streamed tokens, writes the same continuation token for token, speculating or not."""
     calls = []
     plain = type(real_engine)._target_rows
 
-    def rows(self, x, start, lengths, first_chunk=False):
-        calls.append((x.shape[1], first_chunk))
-        return plain(self, x, start, lengths, first_chunk)
+    def rows(self, x, start, lengths, prompt_chunk=False):
+        calls.append((x.shape[1], prompt_chunk))
+        return plain(self, x, start, lengths, prompt_chunk)
 
     monkeypatch.setattr(type(real_engine), "_target_rows", rows)
+    monkeypatch.setattr(real_engine, "prefill_chunk", 16)  # the prompt in three chunks: flash, then masked
     ids = real_engine.encode(messages=[{"role": "user", "content": "Write a Python function that reverses a list."}])
+    assert 32 < len(ids) < 48
     whole = real_engine.generate(ids, SamplingParams(max_tokens=64, temperature=0.0), speculate=False).token_ids
-    assert calls[0] == (len(ids), True)  # the whole prompt in one causal chunk
+    chunks = [(16, True), (16, True), (len(ids) - 32, True)]
+    assert calls[:3] == chunks
     for cut, speculate in ((17, False), (40, True)):
         calls.clear()
         seq = real_engine.submit(ids + whole[:cut], SamplingParams(max_tokens=64 - cut, temperature=0.0),
@@ -144,5 +147,6 @@ def test_a_resumed_request_continues_as_the_first_replica_would_have(real_engine
         while not seq.finished:
             real_engine.step()
             rest += seq.new
-        assert calls[:2] == [(len(ids), True), (cut, False)]  # the prompt causal; the streamed part per query
+        # the prompt as before; the streamed part per query, in chunks as any prefill
+        assert calls[:3] == chunks and calls[3] == (16, False)
         assert rest == whole[cut:]
