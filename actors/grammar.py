@@ -182,12 +182,6 @@ class Constraint:
         return unpack(self.bitmasks_for(drafts), self.vocab_size)
 
     # -- drafting ------------------------------------------------------------------------------------------
-    def forced(self) -> list[int]:
-        """The tokens the grammar forces next (xgrammar's jump-forward tokens: a property name in a strict
-        schema, the rest of an enum value once it is unambiguous); empty where the model has a choice. Its
-        tokenization may differ from the model's: as a draft, verification decides."""
-        return self._m.find_jump_forward_tokens()
-
     def advance(self, tokens: Iterable[int]) -> int:
         """Accept ``tokens`` up to the first the grammar forbids; returns how many were taken. For drafting
         only: ``rewind`` undoes it (``commit`` is what advances for good)."""
