@@ -284,7 +284,7 @@ def bench_forward(target, sizes=(1, 2, 3, 4, 5, 7, 9), reps: int = 5, context: i
     floor = mb / gbs  # ms: every weight read once per token, at the rate this machine streams memory
     return {mode: {str(n): round(ms, 1) for n, ms in d.items()} for mode, d in med.items()} | {
         "ratio_to_one_token": {mode: {str(n): round(d[n] / d[sizes[0]], 2) for n in sizes} for mode, d in med.items()},
-        "weight_mb_per_token": round(mb, 1), "bandwidth_gb_s": round(gbs, 1), "floor_ms": round(floor, 1),
+        "weight_mb_per_token": round(mb, 1), "bandwidth_gb_s": round(gbs, 1), "floor_ms": round(floor, 2),
         "forward_1_vs_floor": round(med["skinny"][sizes[0]] / floor, 2)}
 
 
