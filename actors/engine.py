@@ -617,7 +617,7 @@ class SpeculativeEngine:
         if model <= 1.0 or (realized is not None and realized >= model):
             return True
         suffix_rate = (1.0 + self.suffix_trust * d.score) / self._verify_cost(len(d.tokens) + 1)
-        return suffix_rate > max(1.0, model) / ctl.verify_cost[0]
+        return suffix_rate > model / ctl.verify_cost[0]  # model > 1 here
 
     def _trimmed(self, d: SuffixDraft) -> SuffixDraft | None:
         """The prefix of a suffix draft with the most expected tokens per second of verification (the index's

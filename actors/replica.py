@@ -234,7 +234,7 @@ class Replica:
                     cmd = self._inbox.get(block=block)
                 except queue.Empty:
                     break
-                self._guarded(self._command, cmd, jobs, job=cmd[1] if isinstance(cmd[1], _Job) else None)
+                self._guarded(jobs, cmd[1] if isinstance(cmd[1], _Job) else None, self._command, cmd, jobs)
                 block = False
             if self._closed:
                 return
@@ -252,9 +252,9 @@ class Replica:
             for seq in touched:
                 job = jobs.get(id(seq))
                 if job is not None:
-                    self._guarded(self._emit_tokens, job, seq, jobs, job=job)
+                    self._guarded(jobs, job, self._emit_tokens, job, seq, jobs)
 
-    def _guarded(self, fn, *args, job: _Job | None) -> None:
+    def _guarded(self, jobs: dict, job: _Job | None, fn, *args) -> None:
         """One request's failure (a bug in its handling, a tokenizer error) fails that request with a server
         error: an exception here would end the decoding thread, and every request after it would hang."""
         try:
@@ -262,8 +262,8 @@ class Replica:
         except Exception as e:  # noqa: BLE001
             log.exception("handling a request failed")
             if job is not None:
-                self._fail(job, args[-1], error_event(f"request failed: {type(e).__name__}: {e}", status=500,
-                                                      type="server_error"))
+                self._fail(job, jobs, error_event(f"request failed: {type(e).__name__}: {e}", status=500,
+                                                  type="server_error"))
 
     def _command(self, cmd, jobs: dict) -> None:
         kind, job = cmd
