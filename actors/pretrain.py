@@ -7,6 +7,7 @@ Data, all made on this machine (``out`` keeps every stage, so an interrupted run
   1. corpus.jsonl  local text (the Python standard library's sources and its pydoc topics, cut into windows) and
                    the target's own answers to a broad prompt set (actors/pretrain_prompts.py), written with
                    batched ``generate``, so that the target writes hundreds of tokens/s instead of one stream's 15.
+     Then the drafter's kept vocabulary is re-chosen: the tokens the target wrote most in those answers.
   2. teacher/      one target forward per window, at the served precision: at every position its top-k
                    probabilities over the drafter's kept vocabulary, its greedy token and its last hidden state.
   3. state.pt      the drafter's weights and optimizer state, saved every minute while training.
@@ -64,6 +65,7 @@ class PretrainPlan:
     feature_noise: float = 0.1     # EAGLE: U(-a, a) added to the input features while training
     eval_every_s: float = 120.0
     seed: int = 0
+    vocab_from_corpus: bool = True  # re-choose the kept vocabulary from the answers' token counts
 
 
 def _say(msg: str) -> None:
@@ -179,6 +181,22 @@ def build_corpus(plan: PretrainPlan, target, tokenizer) -> list[dict]:
     return corpus
 
 
+def answer_token_counts(corpus: list[dict], vocab: int) -> torch.Tensor:
+    """How often the target wrote each token in the corpus's answers: VocabTrim's statistic (arXiv 2505.22858
+    keeps the drafter head's rows for the tokens the target generates most), here over the whole corpus instead
+    of the few thousand tokens of the packaged token_counts.json."""
+    ids = [t for c in corpus if c["source"] == "answer" for t in c["ids"][c["prompt_len"]:]]
+    return torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=vocab)[:vocab].double()
+
+
+@torch.no_grad()
+def keep_vocabulary(drafter, target, kept: torch.Tensor) -> None:
+    """Point the drafter's VocabTrim head at ``kept``: its rows are the target's output embeddings of those ids
+    (frozen in training, shared in the shipped checkpoint), so only the buffer and the rows change."""
+    drafter.kept_ids.copy_(kept.to(drafter.kept_ids.device))
+    drafter.head.weight.copy_(target.get_output_embeddings().weight[drafter.kept_ids].to(drafter.head.weight.dtype))
+
+
 # ---- 2. the teacher -----------------------------------------------------------------------------------------------
 def corpus_windows(corpus: list[dict], window: int) -> list[tuple[int, list[int]]]:
     """(sequence index, ids) windows of at most ``window`` tokens (a long answer is cut: the target's features
@@ -230,7 +248,8 @@ def build_teacher(plan: PretrainPlan, target, kept: torch.Tensor, windows: list[
     for n, start in enumerate(tqdm(starts, desc="teacher (shards)", file=sys.stderr)):
         path = folder / f"shard-{n:05d}.pt"
         part = windows[start:start + SHARD]
-        key = zlib.crc32(json.dumps(part).encode())
+        # the top-k indices point into ``kept``: a shard scored for another kept set is stale
+        key = zlib.crc32(json.dumps(part).encode() + kept.numpy().tobytes())
         if path.is_file():
             shard = torch.load(path)
             if shard.get("key") == key:
@@ -430,16 +449,25 @@ def same_target(manifest: dict, target) -> bool:
 
 
 def pretrain(plan: PretrainPlan, target, tokenizer, drafter, version: str = "base-feature-pretrained",
-             ship: bool = True) -> dict:
+             ship: bool = True, always_keep: tuple[int, ...] = (), init: str | None = None) -> dict:
     """All three stages, then the checkpoint in ``plan.out`` (fp16, head shared when ``ship``); returns the
-    manifest."""
+    manifest. With ``plan.vocab_from_corpus`` the drafter's kept vocabulary is re-chosen from the corpus's
+    answers (``always_keep`` first) before the teacher scores anything; ``init`` names the checkpoint the
+    drafter's weights were started from (recorded in the manifest)."""
     from onspec.actors.checkpoint import save_checkpoint
+    from onspec.kernels.vocab_trim import select_kept_ids
 
     plan.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     corpus = build_corpus(plan, target, tokenizer)
     if not corpus:
         raise ValueError("the pretraining corpus is empty: give --tokens or --local-tokens above 0")
+    coverage = None
+    if plan.vocab_from_corpus and any(c["source"] == "answer" for c in corpus):
+        counts = answer_token_counts(corpus, target.config.vocab_size)
+        keep_vocabulary(drafter, target, select_kept_ids(counts, drafter.kept_ids.numel(), always_keep))
+        coverage = round(float(counts[drafter.kept_ids].sum() / counts.sum().clamp_min(1)), 4)
+        _say(f"kept vocabulary from the corpus: {coverage:.1%} of answer tokens covered")
     data_s = time.time() - t0
     wins = corpus_windows(corpus, plan.window)
     t1 = time.time()
@@ -459,7 +487,10 @@ def pretrain(plan: PretrainPlan, target, tokenizer, drafter, version: str = "bas
                    "local_windows": sum(c["source"] == "local" for c in corpus),
                    "local_tokens": sum(len(c["ids"]) for c in corpus if c["source"] == "local"),
                    "windows": len(wins), "tokens": int(data.length.sum()), "held_out_windows": len(held_rows),
-                   "prompt_set": "actors/pretrain_prompts.py", "local_text": "Python standard library"},
+                   "prompt_set": "actors/pretrain_prompts.py", "local_text": "Python standard library",
+                   "kept_vocabulary": "answer token counts" if coverage is not None else "token_counts.json",
+                   "answer_tokens_in_kept_vocabulary": coverage},
+        "init": init,
         "steps": st["step"], "train_s": round(st["train_s"], 1), "tokens_trained": st["tokens"],
         "final_loss": st.get("loss"), "held_out_top1": st["curve"][-1], "curve": st["curve"],
         "data_s": round(data_s, 1), "teacher_s": round(teacher_s, 1),

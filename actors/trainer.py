@@ -110,6 +110,7 @@ class TrainerStats:
     last_loss: float = float("nan")
     last_eval: dict = field(default_factory=dict)
     busy_waits: int = 0
+    mid_step_yields: int = 0  # steps that gave their cores back to a request that arrived mid-step
     train_s: float = 0.0
     tokens_supervised: int = 0  # positions with a loss weight, summed over steps (a replayed window counts again)
 
@@ -242,7 +243,9 @@ class OnlineTrainer:
     def train_on(self, windows: list[Window]) -> float:
         """One applied optimizer step on ``windows``; returns the loss."""
         t0 = time.perf_counter()
-        score_windows(self.target, self.kept, windows, self.tc.teacher_topk, features=self._feature)
+        for w in windows:  # one window at a time, so that a request arriving meanwhile gets its cores back soon
+            score_windows(self.target, self.kept, [w], self.tc.teacher_topk, features=self._feature)
+            self._yield_to_serving()
         x, mask = pad_windows(windows, self.kept.device)
         if self._feature:  # teacher-forced on the target's own features: position i gets h_{i-1}
             h = window_features(windows, x.shape[1], x.device, next(self.drafter.parameters()).dtype)
@@ -263,7 +266,9 @@ class OnlineTrainer:
             reg = torch.nn.functional.smooth_l1_loss(predicted[mask].float(), h[mask].float(),
                                                      reduction="none").mean(-1)
             loss = loss + self.tc.feature_loss_weight * (reg * weights).sum() / weights.sum().clamp_min(1e-6)
+        self._yield_to_serving()
         self.engine.backward(loss)
+        self._yield_to_serving()
         self.engine.step()
         self.stats.steps += 1
         self.stats.tokens_supervised += int((weights > 0).sum())
@@ -342,6 +347,7 @@ class OnlineTrainer:
                 else None  # the target's hidden states of the prefix, from scoring the source window
             windows.append(Window(ids=prefix + self._continue(prefix, src.greedy, known), rejected_row=None,
                                   greedy=src.greedy, label=src.label, first_row=len(prefix) - 1))
+            self._yield_to_serving()
         if windows:
             self.train_on(windows)
             self.stats.onpolicy_steps += 1
@@ -487,6 +493,14 @@ class OnlineTrainer:
                 stop.wait(pause)
             elif not did and not read:
                 stop.wait(0.1)
+
+    def _yield_to_serving(self) -> None:
+        """Called between the parts of a step. A step begun on every core while serving was idle used to keep
+        them until it ended, and a request arriving meanwhile ran beside it on shared cores (the trainer-running
+        p99 in BENCHMARKS.md): now the step drops to ``threads`` at its next part."""
+        if self._threads and self._threads != self.tc.threads and self.serving_busy():
+            self._use_threads(True)
+            self.stats.mid_step_yields += 1
 
     def _use_threads(self, busy: bool) -> None:
         """The serving replicas' CPU comes first: ``threads`` while they have requests in flight, every core

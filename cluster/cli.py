@@ -78,13 +78,30 @@ def cmd_drafter_pretrain(args) -> int:
     if args.tokens == 0 and args.local_tokens == 0:
         raise CLIError("nothing to train on: --tokens and --local-tokens are both 0")
     target, tok = load_target(cfg.model, cfg.data_dir)
-    # Always from the derived drafter (the target's first layer, features off): pretraining is what makes the
-    # shipped base, so it must not start from it.
-    drafter = derive_feature_drafter(target, cfg.drafter.feature_layers, cfg.drafter.vocab_keep,
-                                     always_keep=tuple(sorted(stop_token_ids(target, tok))))
+    stops = tuple(sorted(stop_token_ids(target, tok)))
+    if args.init is None:
+        # From the derived drafter (the target's first layer, features off) unless told to go on from a
+        # checkpoint: the shipped base is made this way.
+        drafter = derive_feature_drafter(target, cfg.drafter.feature_layers, cfg.drafter.vocab_keep,
+                                         always_keep=stops)
+    else:
+        from onspec.actors.checkpoint import CheckpointError, load_checkpoint
+        from onspec.actors.models import PACKAGED_BASE
+        from importlib import resources
+
+        folder = (Path(str(resources.files("onspec.actors") / "data" / PACKAGED_BASE)) if args.init == "shipped"
+                  else args.init)
+        try:
+            drafter, _ = load_checkpoint(folder, target)
+        except (CheckpointError, OSError) as e:
+            raise CLIError(f"--init {args.init}: {e}") from None
+        if drafter.kind != "feature":
+            raise CLIError(f"--init {args.init}: a {drafter.kind} drafter; pretraining makes feature drafters")
+        drafter = drafter.float()
     plan = PretrainPlan(out=args.out, minutes=args.minutes, tokens=args.tokens, local_tokens=args.local_tokens,
                         gen_batch=args.gen_batch, batch=args.batch, lr=args.lr, seed=args.seed)
-    manifest = pretrain(plan, target, tok, drafter, version=args.version)
+    manifest = pretrain(plan, target, tok, drafter, version=args.version, always_keep=stops,
+                        init=None if args.init is None else str(args.init))
     p = manifest["pretraining"]
     print(json.dumps({"out": str(args.out), "version": manifest["version"], "steps": p["steps"],
                       "corpus": p["corpus"], "held_out_top1": p["held_out_top1"]}))
@@ -340,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--lr", type=float, default=5e-4)
     dp.add_argument("--seed", type=int, default=0)
     dp.add_argument("--version", default="base-feature-pretrained")
+    dp.add_argument("--init", help="start from this checkpoint folder's weights ('shipped': the packaged base) "
+                                   "instead of the derived drafter")
     dp.set_defaults(func=cmd_drafter_pretrain)
     dc = d.add_parser("count-tokens", help="count the target's generated tokens (VocabTrim's frequencies)")
     common_flags(dc)

@@ -23,13 +23,25 @@ pytestmark = pytest.mark.real_model
 
 
 def test_prompt_set_is_broad_and_never_holds_a_benchmark_prompt():
-    prompts = [p[0]["content"] for p in pretrain_prompts()]
-    assert len(prompts) == len(set(prompts)) > 2000
-    first = prompts[:200]  # a short run still gets both kinds of text
-    assert sum(p.startswith(("Write a", "How do I", "Explain", "What does this code")) for p in first) > 60
-    held_out = {json.loads(line)["messages"][0]["content"]
+    from onspec.actors import pretrain_prompts as pp
+
+    convs = pretrain_prompts()
+    prompts = [p[-1]["content"] for p in convs]
+    assert len(prompts) == len(set(prompts)) > 4000
+    assert all(p[-1]["role"] == "user" for p in convs)
+    with_system = [p for p in convs if p[0]["role"] == "system"]
+    assert 0.05 < len(with_system) / len(convs) < 0.2  # as many clients send one
+    # A short run still gets every family: the first 400 prompts hold a recipe, a trip, an email, a poem, a
+    # number problem, a bug to find, an SQL query and a Python function.
+    first = prompts[:400]
+    for family in (pp.DISHES, pp.PLACES + pp.TRIPS, [w for w, _ in pp.LETTERS], pp.POEM_SUBJECTS, pp.BUGGY,
+                   pp.SQL_TASKS, pp.CODE_TASKS):
+        assert any(any(x in p for x in family) for p in first), family[:2]
+    assert any(p.startswith(("If ", "What is ", "Solve for x")) and any(c.isdigit() for c in p) for p in first)
+    held_out = {json.loads(line)["messages"][-1]["content"]
                 for f in (REPO / "bench" / "phases").glob("*.jsonl") for line in f.read_text().splitlines()}
     assert held_out and not held_out & set(prompts)
+    assert pretrain_prompts(50) == convs[:50] == pretrain_prompts(50, seed=0)  # seeded, a prefix of the whole
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +76,43 @@ def test_pretraining_resumes_from_its_folder(tiny_run):
     assert (out / "corpus.jsonl").read_text().count("\n") == lines  # the corpus was not made again
     assert second["pretraining"]["steps"] > first["pretraining"]["steps"]
     assert second["pretraining"]["curve"][0] == first["pretraining"]["curve"][0]  # one run, continued
+
+
+def test_the_kept_vocabulary_is_chosen_from_the_answers_the_target_wrote(tiny_run, real_engine):
+    from onspec.actors.pretrain import answer_token_counts
+
+    out, first, _, _ = tiny_run
+    corpus = [json.loads(line) for line in (out / "corpus.jsonl").read_text().splitlines()]
+    written = {t for c in corpus if c["source"] == "answer" for t in c["ids"][c["prompt_len"]:]}
+    drafter, _ = load_checkpoint(out, real_engine.target)
+    kept = set(drafter.kept_ids.tolist())
+    assert written <= kept  # a tiny corpus: every token the target wrote has a row in the head
+    packaged = derive_feature_drafter(real_engine.target, 1, 8192)
+    assert kept != set(packaged.kept_ids.tolist())  # ... which token_counts.json alone would not have chosen
+    assert first["pretraining"]["corpus"]["answer_tokens_in_kept_vocabulary"] == 1.0
+    counts = answer_token_counts(corpus, real_engine.target.config.vocab_size)
+    assert int(counts.sum()) == first["pretraining"]["corpus"]["answer_tokens"]
+
+
+def test_pretraining_can_go_on_from_the_shipped_base(tmp_path):
+    """`--init shipped` starts from the packaged weights: its first held-out figure is the shipped drafter's,
+    far above the derived drafter's start (~0.05); a bad --init is a CLI error naming it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import DATA_DIR
+
+    cmd = [sys.executable, "-m", "onspec.cluster.cli", "drafter", "pretrain", "--out", str(tmp_path / "a"),
+           "--data-dir", str(DATA_DIR), "--tokens", "64", "--local-tokens", "600", "--minutes", "0.02",
+           "--gen-batch", "4", "--init", "shipped"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    manifest = read_manifest(tmp_path / "a")
+    assert manifest["pretraining"]["init"] == "shipped"
+    assert manifest["pretraining"]["curve"][0]["top1"] > 0.3
+    bad = subprocess.run(cmd[:6] + [str(tmp_path / "b")] + cmd[7:-1] + [str(tmp_path / "nowhere")],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "--init" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_a_pretrained_checkpoint_is_fp16_and_shares_the_targets_head(tiny_run, real_engine):

@@ -245,3 +245,24 @@ def test_the_trainer_takes_every_core_only_while_serving_is_idle(client, tmp_pat
         assert torch.get_num_threads() == 3 and tr.state()["threads"] == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_step_gives_its_cores_back_when_a_request_arrives_mid_step(client, tmp_path):
+    """A step begun on every core while serving was idle drops to ``threads`` at its next part once a replica
+    reports a request in flight; with none in flight it keeps them."""
+    import json
+
+    tr = _trainer(client, tmp_path, threads=1, idle_threads=2)
+    rng = random.Random(3)
+    windows = lambda: [Window(ids=[rng.randrange(96) for _ in range(20)], rejected_row=None, greedy=True,  # noqa: E731
+                              label="t") for _ in range(4)]
+    before = torch.get_num_threads()
+    try:
+        tr._use_threads(busy=False)
+        tr.train_on(windows())
+        assert torch.get_num_threads() == 2 and tr.stats.mid_step_yields == 0  # idle: every core, to the end
+        client.set(f"{tr.cfg.registry.load_key_prefix}:replica-a", json.dumps({"in_flight": 1, "queued": 0}))
+        tr.train_on(windows())
+        assert torch.get_num_threads() == 1 and tr.stats.mid_step_yields == 1
+    finally:
+        torch.set_num_threads(before)
