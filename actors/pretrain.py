@@ -488,7 +488,8 @@ def pretrain(plan: PretrainPlan, target, tokenizer, drafter, version: str = "bas
                    "local_tokens": sum(len(c["ids"]) for c in corpus if c["source"] == "local"),
                    "windows": len(wins), "tokens": int(data.length.sum()), "held_out_windows": len(held_rows),
                    "prompt_set": "actors/pretrain_prompts.py", "local_text": "Python standard library",
-                   "kept_vocabulary": "answer token counts" if coverage is not None else "token_counts.json",
+                   "kept_vocabulary": ("answer token counts" if coverage is not None
+                                      else "the starting drafter's" if init else "token_counts.json"),
                    "answer_tokens_in_kept_vocabulary": coverage},
         "init": init,
         "steps": st["step"], "train_s": round(st["train_s"], 1), "tokens_trained": st["tokens"],

@@ -99,7 +99,8 @@ def cmd_drafter_pretrain(args) -> int:
             raise CLIError(f"--init {args.init}: a {drafter.kind} drafter; pretraining makes feature drafters")
         drafter = drafter.float()
     plan = PretrainPlan(out=args.out, minutes=args.minutes, tokens=args.tokens, local_tokens=args.local_tokens,
-                        gen_batch=args.gen_batch, batch=args.batch, lr=args.lr, seed=args.seed)
+                        gen_batch=args.gen_batch, batch=args.batch, lr=args.lr, seed=args.seed,
+                        vocab_from_corpus=not args.keep_vocabulary)
     manifest = pretrain(plan, target, tok, drafter, version=args.version, always_keep=stops,
                         init=None if args.init is None else str(args.init))
     p = manifest["pretraining"]
@@ -359,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--version", default="base-feature-pretrained")
     dp.add_argument("--init", help="start from this checkpoint folder's weights ('shipped': the packaged base) "
                                    "instead of the derived drafter")
+    dp.add_argument("--keep-vocabulary", action="store_true",
+                    help="keep the starting drafter's kept vocabulary instead of re-choosing it from the answers "
+                         "(a run that goes on from --init with more data then reuses the teacher shards scored "
+                         "for it)")
     dp.set_defaults(func=cmd_drafter_pretrain)
     dc = d.add_parser("count-tokens", help="count the target's generated tokens (VocabTrim's frequencies)")
     common_flags(dc)

@@ -100,6 +100,8 @@ def test_pretraining_can_go_on_from_the_shipped_base(tmp_path):
     import subprocess
     import sys
 
+    from safetensors.torch import load_file
+
     from tests.conftest import DATA_DIR
 
     cmd = [sys.executable, "-m", "onspec.cluster.cli", "drafter", "pretrain", "--out", str(tmp_path / "a"),
@@ -110,6 +112,14 @@ def test_pretraining_can_go_on_from_the_shipped_base(tmp_path):
     manifest = read_manifest(tmp_path / "a")
     assert manifest["pretraining"]["init"] == "shipped"
     assert manifest["pretraining"]["curve"][0]["top1"] > 0.3
+    assert manifest["pretraining"]["corpus"]["kept_vocabulary"] == "answer token counts"
+    # --keep-vocabulary: the shipped drafter's kept ids stay (so teacher shards scored for them stay valid)
+    kept = subprocess.run(cmd[:6] + [str(tmp_path / "c")] + cmd[7:] + ["--keep-vocabulary"],
+                          capture_output=True, text=True, timeout=600)
+    assert kept.returncode == 0, kept.stderr[-2000:]
+    ids = lambda d: load_file(d / "drafter.safetensors")["kept_ids"]  # noqa: E731
+    assert torch.equal(ids(tmp_path / "c"), ids(SHIPPED))
+    assert read_manifest(tmp_path / "c")["pretraining"]["corpus"]["kept_vocabulary"] == "the starting drafter's"
     bad = subprocess.run(cmd[:6] + [str(tmp_path / "b")] + cmd[7:-1] + [str(tmp_path / "nowhere")],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "--init" in bad.stderr and "Traceback" not in bad.stderr
