@@ -98,7 +98,8 @@ def bench_decode(engine: SpeculativeEngine, specs: list[PromptSpec], max_tokens:
     saved = engine.spec, engine.controller, engine.suffix_index, engine.suffix_trust, engine.drafter
     if engine.spec.cost_aware and engine.spec.mode == "adaedl":
         engine.spec = engine.spec.model_copy(update={"source": "hybrid"})  # measures the suffix lengths too
-        engine.calibrate()
+    # In fixed mode too: the report's drafter cost and predicted speedups are read from the measured costs.
+    engine.calibrate()
     states = {src: _mode_state(engine, src) for src in sources}
     for name, d in drafters.items():
         states[name] = _mode_state(engine, sources[0], d, _drafter_cost(engine, d))
