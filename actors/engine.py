@@ -141,6 +141,7 @@ class SpeculativeEngine:
         # Seconds per target forward by rows (1, 2, 4, ...) and tokens per row (set by calibrate).
         self.batch_costs: dict[int, list[float]] = {}
         self.draft_costs: dict[int, float] = {}
+        self._catchup_s = 0.0  # this round's drafter catch-up on a long backlog (see _round)
 
     @classmethod
     def from_config(cls, cfg: OnspecConfig) -> "SpeculativeEngine":
@@ -678,6 +679,7 @@ class SpeculativeEngine:
         kept = self.drafter.kept_ids
         threshold = self.controller.entropy_threshold
         # A long backlog (a new request's prompt) is read alone first, so that one row does not pad the others.
+        caught_up = time.perf_counter()
         for seq, _ in rows:
             if len(seq.tokens) - seq.dlen > 8:
                 ids, f = self._backlog(seq, len(seq.tokens) - 1)
@@ -685,6 +687,7 @@ class SpeculativeEngine:
                 self._drafter_forward(torch.tensor([ids], device=self.device), cache, seq.slot, lengths,
                                       f[None] if feature else None)
                 seq.dlen += len(ids)
+        self._catchup_s = time.perf_counter() - caught_up
         lo = min(s.slot for s, _ in rows)
         b = max(s.slot for s, _ in rows) - lo + 1
         by_slot = {s.slot: (s, cap) for s, cap in rows}
@@ -788,6 +791,7 @@ class SpeculativeEngine:
         if len(rows) > 1 and self.batch_costs and self.spec.cost_aware and self.spec.mode == "adaedl":
             plans = self._fit_width(plans, len(rows))
         model_rows = [(s, plans[s.slot][1]) for s in rows if plans[s.slot][0] == "model"]
+        self._catchup_s = 0.0
         drafted = self._draft(model_rows) if model_rows else {}
         inputs = {}
         for s in rows:
@@ -838,7 +842,11 @@ class SpeculativeEngine:
         for s, logits, (n, nxt) in zip(rows, logits_all, verdicts):
             self._accept(s, plans[s.slot], inputs[s.slot][0], n, nxt, logits, hidden[s.slot], served.get(s.slot))
         if len(rows) == 1 and rows[0].speculate:
-            self.controller.observe_round(plans[rows[0].slot][0], 1 + verdicts[0][0], time.perf_counter() - started)
+            # Less the drafter's catch-up on a long backlog: it is the price of the rounds that did not draft,
+            # and charged to a probe it made every probe after a gap look slow, so probes grew rarer and the
+            # gaps (and the next probe's catch-up) longer: a drafter that pays at k = 1 was left unused.
+            self.controller.observe_round(plans[rows[0].slot][0], 1 + verdicts[0][0],
+                                          time.perf_counter() - started - self._catchup_s)
 
     def _fit_width(self, plans: dict, b: int) -> dict:
         """Cut the rows' drafts to the one width that pays for the whole batch (kernels.draft_length.

@@ -156,6 +156,29 @@ def test_model_rounds_that_lose_to_plain_ones_stop_drafting_and_probe_less_often
     assert ctl.draft_cap() > 0
 
 
+def test_a_rounds_observed_time_leaves_out_the_drafters_catch_up():
+    """Reading a long backlog (a prompt, or the tokens of rounds that did not draft) is not a model round's
+    cost: charged to a probe after a gap, it made every probe look slow, probes grew rarer and the next
+    catch-up longer, and a drafter that paid at k = 1 went unused (BENCHMARKS.md, sixth session)."""
+    import time
+
+    eng = tiny_engine(drafter_layers=1, mode="fixed", fixed_k=1)
+    forward = eng._drafter_forward
+
+    def slow_backlog(x, *a, **kw):
+        if x.shape[1] > 8:  # the catch-up read: made slow, so that it would dominate a round charged with it
+            time.sleep(0.3)
+        return forward(x, *a, **kw)
+
+    seen = []
+    observe = eng.controller.observe_round
+    eng._drafter_forward = slow_backlog
+    eng.controller.observe_round = lambda src, tokens, secs: (seen.append((src, secs)), observe(src, tokens, secs))
+    eng.generate(list(range(1, 31)), SamplingParams(max_tokens=4), speculate=True)
+    model = [secs for src, secs in seen if src == "model"]
+    assert model and max(model) < 0.25
+
+
 def test_request_errors():
     eng = tiny_engine()
     with pytest.raises(RequestError, match="empty"):
