@@ -8,9 +8,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOME=/tmp/home
 
-# wget: KubeRay's default probes; tini: reaps Ray's child processes.
+# wget: KubeRay's default probes; tini: reaps Ray's child processes; g++: builds the target's compiled layers
+# on the first start (model.compiled_layers, into the data dir; without it the eager layers serve).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends wget tini \
+ && apt-get install -y --no-install-recommends wget tini g++ \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/onspec

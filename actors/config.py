@@ -94,6 +94,10 @@ class ModelConfig(_Strict):
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
     skinny_linear: bool = Field(True, description="on the CPU, compute few-row linears as W @ x^T "
                                                   "(actors/skinny_linear.py)")
+    compiled_layers: bool = Field(
+        True, description="serve a 4-bit target's layers compiled ahead of time (AOTInductor; built once into "
+                          "data_dir/compiled, ~1 min, then loaded in seconds; actors/compiled_layers.py); eager "
+                          "where building fails or the target is not 4-bit")
 
 
 class DrafterConfig(_Strict):

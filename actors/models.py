@@ -106,6 +106,9 @@ def load_target(cfg: ModelConfig, data_dir: Path):
             raise ModelLoadError(str(e)) from None
     if cfg.skinny_linear:
         use_skinny_linear(model)
+    if cfg.compiled_layers and getattr(model.model, "exact_attention", False):
+        from onspec.actors.compiled_layers import compile_layers
+        model.model.compiled_layers = compile_layers(model.model, Path(data_dir) / "compiled")
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if cfg.chat_template:
         tok.chat_template = chat_template_text(cfg.chat_template)

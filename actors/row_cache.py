@@ -87,6 +87,15 @@ def body_forward(body, embeds: torch.Tensor, cache: RowCache, start: int, length
     else:
         spans, keys = None, torch.arange(span, device=embeds.device)
         mask = keys[None, None, None, :] <= pos[:, None, :, None]       # [b, 1, T, span]: causal per row
+    compiled = getattr(body, "compiled_layers", None)
+    if compiled is not None:
+        def attend(i, qk, v):  # layer i's cache write and attention, eager between the compiled pieces
+            K, V = cache.k[i][start:start + b], cache.v[i][start:start + b]
+            nq = qk.shape[1] - K.shape[1]
+            K.scatter_(2, where, qk[:, nq:].to(K.dtype))
+            V.scatter_(2, where, v.to(V.dtype))
+            return _attention(qk[:, :nq], K, V, mask, span, spans).contiguous()
+        return compiled.forward(embeds, rope, attend)
     h = embeds
     for i, layer in enumerate(body.layers):
         h = _layer(layer, h, rope, cache.k[i][start:start + b], cache.v[i][start:start + b], where, mask,

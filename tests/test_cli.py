@@ -127,6 +127,7 @@ def test_bench_forward_times_the_engines_own_forward(capsys):
     assert main(["bench", "forward", "--reps", "1", "--data-dir", str(DATA_DIR)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["linear"]) == set(out["skinny"]) == {"1", "2", "3", "4", "5", "7", "9"}
+    assert out["compiled_layers"] and set(out["eager_layers"]) == set(out["skinny"])  # served vs eager, side by side
     assert all(ms > 0 for ms in out["linear"].values()) and out["ratio_to_one_token"]["linear"]["1"] == 1.0
     # the floor: the served int4 target reads its packed linears (66 MB) and the Q8_0 head (35 MB) per token
     assert 80 < out["weight_mb_per_token"] < 130 and out["bandwidth_gb_s"] > 0

@@ -252,8 +252,9 @@ def mask_cost(engine: SpeculativeEngine, response_format: dict, outputs: list[li
 
 
 def bench_forward(target, sizes=(1, 2, 3, 4, 5, 7, 9), reps: int = 5, context: int = 64) -> dict:
-    """Target forward time over n new tokens (with a KV cache of ``context``), nn.Linear vs SkinnyLinear,
-    interleaved per repetition; the median of ``reps``."""
+    """Target forward time over n new tokens (with a KV cache of ``context``), nn.Linear vs SkinnyLinear, and
+    where the target serves compiled layers, the same with its eager layers ("eager_layers"), interleaved per
+    repetition; the median of ``reps``. "skinny" is the served path."""
     import statistics
     import time
 
@@ -262,8 +263,10 @@ def bench_forward(target, sizes=(1, 2, 3, 4, 5, 7, 9), reps: int = 5, context: i
 
     skinny = [m for m in target.modules() if isinstance(m, SkinnyLinear)]
     body = target.model
+    compiled = getattr(body, "compiled_layers", None)
+    modes = ("linear", "skinny") + (("eager_layers",) if compiled is not None else ())
     ctx = torch.arange(1, context + 1).unsqueeze(0)
-    times = {"linear": {n: [] for n in sizes}, "skinny": {n: [] for n in sizes}}
+    times = {mode: {n: [] for n in sizes} for mode in modes}
     with torch.inference_mode():
         # The engine's own path: a position-indexed cache holding the context; each measured forward writes
         # past it, and the next one overwrites the same positions (a rejection only moves a length).
@@ -271,22 +274,24 @@ def bench_forward(target, sizes=(1, 2, 3, 4, 5, 7, 9), reps: int = 5, context: i
         body_forward(body, body.embed_tokens(ctx), cache, 0, torch.tensor([0]))
         held = torch.tensor([context])
         for _ in range(reps):
-            for mode in ("linear", "skinny"):
+            for mode in modes:
                 for m in skinny:
-                    m.__class__ = SkinnyLinear if mode == "skinny" else torch.nn.Linear
+                    m.__class__ = torch.nn.Linear if mode == "linear" else SkinnyLinear
+                body.compiled_layers = None if mode == "eager_layers" else compiled
                 for n in sizes:
                     t = time.perf_counter()
                     target.lm_head(body_forward(body, body.embed_tokens(ctx[:, :n]), cache, 0, held)).sum().item()
                     times[mode][n].append(time.perf_counter() - t)
         for m in skinny:
             m.__class__ = SkinnyLinear
+        body.compiled_layers = compiled
     med = {mode: {n: statistics.median(v) * 1000 for n, v in d.items()} for mode, d in times.items()}
     mb, gbs = weight_bytes_per_token(target) / 1e6, memory_bandwidth_gbs()
     floor = mb / gbs  # ms: every weight read once per token, at the rate this machine streams memory
     return {mode: {str(n): round(ms, 1) for n, ms in d.items()} for mode, d in med.items()} | {
         "ratio_to_one_token": {mode: {str(n): round(d[n] / d[sizes[0]], 2) for n in sizes} for mode, d in med.items()},
         "weight_mb_per_token": round(mb, 1), "bandwidth_gb_s": round(gbs, 1), "floor_ms": round(floor, 2),
-        "forward_1_vs_floor": round(med["skinny"][sizes[0]] / floor, 2)}
+        "forward_1_vs_floor": round(med["skinny"][sizes[0]] / floor, 2), "compiled_layers": compiled is not None}
 
 
 def weight_bytes_per_token(target) -> int:

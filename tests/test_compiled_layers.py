@@ -1,0 +1,95 @@
+"""model.compiled_layers: the 4-bit target's layers compiled ahead of time (actors/compiled_layers.py)."""
+import logging
+import time
+
+import pytest
+import torch
+
+from onspec.actors.compiled_layers import compile_layers, shape_of
+from onspec.actors.config import ModelConfig
+from onspec.actors.models import load_target
+from onspec.actors.row_cache import RowCache, _int4_plan, body_forward
+from tests.conftest import DATA_DIR
+
+
+@pytest.fixture(scope="module")
+def compiled_target():
+    target, _ = load_target(ModelConfig(), DATA_DIR)
+    return target
+
+
+def test_the_default_target_serves_compiled_layers(compiled_target, real_engine):
+    assert compiled_target.model.compiled_layers is not None
+    assert real_engine.target.model.compiled_layers is not None  # what the engine tests decode with
+
+
+@torch.inference_mode()
+def test_a_verification_is_bitwise_its_single_steps(compiled_target):
+    """Ragged rows with prompts in chunks, then a verification over all rows at once (from a slice of the
+    embeddings: a strided view, which the generated code must not misread), against each row alone, one token
+    a step: what keeps speculative output identical to target-only decoding."""
+    body = compiled_target.model
+    g = torch.Generator().manual_seed(3)
+    prompts = [40, 23, 9]
+    ids = torch.randint(body.config.vocab_size, (3, 60), generator=g)
+    emb = body.embed_tokens(ids)
+    batch = RowCache(body, 3, 32)
+    for r, n in enumerate(prompts):
+        body_forward(body, emb[r:r + 1, :n], batch, r, torch.tensor([0]), prompt_chunk=True)
+    lengths = torch.tensor(prompts)
+    verify = body_forward(body, torch.stack([emb[r, n:n + 4] for r, n in enumerate(prompts)]), batch, 0, lengths)
+    for r, n in enumerate(prompts):
+        alone = RowCache(body, 1, 32)
+        body_forward(body, emb[r:r + 1, :n], alone, 0, torch.tensor([0]), prompt_chunk=True)
+        steps = [body_forward(body, emb[r:r + 1, n + t:n + t + 1], alone, 0, torch.tensor([n + t])) for t in range(4)]
+        assert torch.equal(verify[r:r + 1], torch.cat(steps, dim=1)), f"row {r}"
+
+
+@torch.inference_mode()
+def test_compiled_layers_compute_the_eager_layers(compiled_target):
+    """Not bitwise (silu and the norms round differently), but the same model: logits agree to bf16's
+    precision and the greedy tokens match on a prompt."""
+    body = compiled_target.model
+    ids = torch.randint(body.config.vocab_size, (1, 50), generator=torch.Generator().manual_seed(4))
+    out = {}
+    for name, layers in (("compiled", body.compiled_layers), ("eager", None)):
+        saved, body.compiled_layers = body.compiled_layers, layers
+        try:
+            cache = RowCache(body, 1, 64)
+            out[name] = compiled_target.lm_head(body_forward(body, body.embed_tokens(ids), cache, 0,
+                                                             torch.tensor([0]), prompt_chunk=True)).float()
+        finally:
+            body.compiled_layers = saved
+    assert (out["compiled"] - out["eager"]).abs().max() < 0.05 * out["eager"].abs().max()
+    assert (out["compiled"].argmax(-1) == out["eager"].argmax(-1)).float().mean() > 0.95
+
+
+def test_a_second_start_loads_the_build(compiled_target, tmp_path):
+    """Built once into the data dir, loaded in well under a second after that (serve's restart budget)."""
+    body = compiled_target.model
+    first = compile_layers(body, tmp_path)
+    assert first is not None
+    builds = sorted(p.name for p in tmp_path.iterdir())
+    t = time.perf_counter()
+    again = compile_layers(body, tmp_path)
+    assert again is not None and time.perf_counter() - t < 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == builds  # nothing built twice, no leftovers
+
+
+def test_a_broken_build_leaves_the_eager_layers(compiled_target, tmp_path, caplog):
+    body = compiled_target.model
+    plans = [_int4_plan(layer) for layer in body.layers]
+    folder = tmp_path / shape_of(body, plans).key()
+    folder.mkdir()
+    for name in ("first", "mid", "last"):
+        (folder / f"{name}.pt2").write_bytes(b"not a package")
+    with caplog.at_level(logging.WARNING, logger="onspec.actors.compiled_layers"):
+        assert compile_layers(body, tmp_path) is None
+    assert "serving eager layers" in caplog.text
+
+
+def test_a_float_target_has_no_compiled_layers(tmp_path):
+    target, _ = load_target(ModelConfig(dtype="float32"), DATA_DIR)
+    assert getattr(target.model, "compiled_layers", None) is None
+    target, _ = load_target(ModelConfig(compiled_layers=False), DATA_DIR)
+    assert getattr(target.model, "compiled_layers", None) is None
