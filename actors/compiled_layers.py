@@ -4,13 +4,14 @@ At one to a few tokens a step, a 4-bit layer's ~25 eager operations cost more in
 (BENCHMARKS.md, "A compiled step"). Three graphs cover the body, every layer sharing them with its weights
 passed as inputs:
 
-- ``first``: input norm, q/k/v projection and rotary embedding of layer 0;
-- ``mid``: layer i's output projection and MLP, then layer i + 1's norm, q/k/v and rotary embedding;
+- ``first``: input norm, q/k/v projection, rotary embedding and cache write of layer 0;
+- ``mid``: layer i's output projection and MLP, then layer i + 1's norm, q/k/v, rotary embedding and cache
+  write;
 - ``last``: the last layer's output projection and MLP (the final norm stays eager: compiled, its reduction
   parted from the eager one's in the last bit at some shapes).
 
-Attention and the cache writes stay eager between them (``row_cache.body_forward``), each query over exactly
-its keys as before, and the compiled pieces compute each row on its own, so a verification stays bitwise the
+The graphs write each layer's keys and values into the rows' caches in place; attention stays eager between
+them (``row_cache.body_forward``), each query over exactly its keys as before, and the compiled pieces compute each row on its own, so a verification stays bitwise the
 single steps it stands for (checked when the layers load: ``_consistent``). The compiled pieces are not
 bitwise the eager ones (their silu and norms round differently in the last bit), so a process serves one path
 only, chosen at load: a replica that falls back to eager stays exact but may part from a compiled replica's
@@ -76,20 +77,24 @@ class _First(torch.nn.Module):
         super().__init__()
         self.s = s
 
-    def qkv(self, h, cos, sin, in_w, qkv_p, qkv_s):
-        """row_cache._layer_int4 up to the cache write: normed input, q/k/v, q and k rotated."""
+    def qkv(self, h, cos, sin, pos, K, V, in_w, qkv_p, qkv_s):
+        """row_cache._layer_int4 up to attention: normed input, q/k/v, q and k rotated, k and v written into the
+        rows' caches K, V [b, kv_heads, capacity, head_dim] at positions ``pos`` [b, T] (in place). Returns q
+        [b, heads, T, head_dim]."""
         s = self.s
         b, T, H = h.shape
         x = F.rms_norm(h, (H,), in_w, s.eps).view(b * T, H)
         y = _mm(_rep(x, s.repeat), qkv_p, qkv_s)
         width = (s.heads + s.kv_heads) * s.head_dim
         qk = y[:, :width].view(b, T, -1, s.head_dim)
-        qk = (qk * cos + qk.roll(s.head_dim // 2, dims=-1) * sin).transpose(1, 2)
-        v = y[:, width:].view(b, T, -1, s.head_dim).transpose(1, 2)
-        return qk.contiguous(), v.contiguous()
+        qk = qk * cos + qk.roll(s.head_dim // 2, dims=-1) * sin
+        rows = torch.arange(b, device=h.device)[:, None]
+        K[rows, :, pos] = qk[:, :, s.heads:]
+        V[rows, :, pos] = y[:, width:].view(b, T, -1, s.head_dim)
+        return qk[:, :, :s.heads].transpose(1, 2).contiguous()
 
-    def forward(self, h, cos, sin, in_w, qkv_p, qkv_s):
-        return self.qkv(h, cos, sin, in_w, qkv_p, qkv_s)
+    def forward(self, h, cos, sin, pos, K, V, in_w, qkv_p, qkv_s):
+        return self.qkv(h, cos, sin, pos, K, V, in_w, qkv_p, qkv_s)
 
 
 class _Last(_First):
@@ -107,9 +112,9 @@ class _Last(_First):
 
 
 class _Mid(_Last):
-    def forward(self, h, o, cos, sin, o_p, o_s, post_w, gu_p, gu_s, d_p, d_s, in_w, qkv_p, qkv_s):
+    def forward(self, h, o, cos, sin, pos, K, V, o_p, o_s, post_w, gu_p, gu_s, d_p, d_s, in_w, qkv_p, qkv_s):
         h = self.mlp(h, o, o_p, o_s, post_w, gu_p, gu_s, d_p, d_s)
-        return (h, *self.qkv(h, cos, sin, in_w, qkv_p, qkv_s))
+        return h, self.qkv(h, cos, sin, pos, K, V, in_w, qkv_p, qkv_s)
 
 
 class CompiledLayers:
@@ -123,17 +128,19 @@ class CompiledLayers:
         self.mlp_w = [[*p.o, p.post_w, *p.gate_up, *p.down] for p in plans]
         self.norm_w, self.eps = norm_w, plans[0].in_eps
 
-    def forward(self, h, rope, attend):
-        """The body over hidden states ``h`` [b, T, H]; ``attend(i, qk, v)`` writes layer i's keys and values
-        and returns its attention output [b, heads, T, head_dim]. Returns the final-normed hidden states."""
+    def forward(self, h, rope, pos, Ks, Vs, attend):
+        """The body over hidden states ``h`` [b, T, H] at positions ``pos`` [b, T] of the rows' caches ``Ks``,
+        ``Vs`` (per layer [b, kv_heads, capacity, head_dim], contiguous); ``attend(i, q)`` returns layer i's
+        attention output [b, heads, T, head_dim]. Returns the final-normed hidden states."""
         # The generated code indexes its inputs as the contiguous examples it was built from (it does not read
         # strides): a view such as a slice of the prompt's embeddings must be copied first.
-        h, cos, sin = h.contiguous(), rope[0].contiguous(), rope[1].contiguous()
-        qk, v = self.first([h, cos, sin, *self.qkv_w[0]])
+        h, cos, sin, pos = h.contiguous(), rope[0].contiguous(), rope[1].contiguous(), pos.contiguous()
+        q = self.first([h, cos, sin, pos, Ks[0], Vs[0], *self.qkv_w[0]])[0]
         last = len(self.mlp_w) - 1
         for i in range(last):
-            h, qk, v = self.mid([h, attend(i, qk, v), cos, sin, *self.mlp_w[i], *self.qkv_w[i + 1]])
-        h = self.last([h, attend(last, qk, v), *self.mlp_w[last]])[0]
+            h, q = self.mid([h, attend(i, q), cos, sin, pos, Ks[i + 1], Vs[i + 1], *self.mlp_w[i],
+                             *self.qkv_w[i + 1]])
+        h = self.last([h, attend(last, q), *self.mlp_w[last]])[0]
         return F.rms_norm(h, (h.shape[-1],), self.norm_w, self.eps)
 
 
@@ -143,13 +150,16 @@ def _examples(s: Shape, plans, norm_w, b=2, T=3):
     h = torch.randn(b, T, s.hidden)
     cos, sin = torch.randn(b, T, 1, s.head_dim), torch.randn(b, T, 1, s.head_dim)
     o = torch.randn(b, s.heads, T, s.head_dim)
+    pos = torch.arange(T).repeat(b, 1) + 4
+    K, V = torch.zeros(b, s.kv_heads, 16, s.head_dim), torch.zeros(b, s.kv_heads, 16, s.head_dim)
     B, N = torch.export.Dim("rows", min=1, max=MAX_ROWS), torch.export.Dim("tokens", min=1, max=MAX_TOKENS)
-    bt3, bt4, bo = {0: B, 1: N}, {0: B, 1: N}, {0: B, 2: N}
+    C = torch.export.Dim("capacity", min=2, max=1 << 20)
+    bt3, bt4, bo, kv = {0: B, 1: N}, {0: B, 1: N}, {0: B, 2: N}, {0: B, 2: C}
     qkv = (p.in_w, *p.qkv)
     mlp = (*p.o, p.post_w, *p.gate_up, *p.down)
     return {
-        "first": ((h, cos, sin, *qkv), (bt3, bt4, bt4) + (None,) * 3),
-        "mid": ((h, o, cos, sin, *mlp, *qkv), (bt3, bo, bt4, bt4) + (None,) * 10),
+        "first": ((h, cos, sin, pos, K, V, *qkv), (bt3, bt4, bt4, bt3, kv, kv) + (None,) * 3),
+        "mid": ((h, o, cos, sin, pos, K, V, *mlp, *qkv), (bt3, bo, bt4, bt4, bt3, kv, kv) + (None,) * 10),
         "last": ((h, o, *mlp), (bt3, bo) + (None,) * 7),
     }
 

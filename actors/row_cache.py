@@ -55,6 +55,15 @@ class RowCache:
             fresh[:, :, :self.capacity] = old
         self.k, self.v, self.capacity = k, v, new
 
+    def rows(self, start: int, b: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every layer's keys and values of rows ``start .. start+b-1`` (views, kept while the rows and the
+        capacity stay: a decoding loop asks for the same ones every step)."""
+        key = (start, b, self.capacity)
+        if getattr(self, "_rows_key", None) != key:
+            self._rows = ([k[start:start + b] for k in self.k], [v[start:start + b] for v in self.v])
+            self._rows_key = key
+        return self._rows
+
     @torch.inference_mode()
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy row ``src``'s first ``length`` positions into row ``dst`` (packing rows after one leaves)."""
@@ -89,13 +98,11 @@ def body_forward(body, embeds: torch.Tensor, cache: RowCache, start: int, length
         mask = keys[None, None, None, :] <= pos[:, None, :, None]       # [b, 1, T, span]: causal per row
     compiled = getattr(body, "compiled_layers", None)
     if compiled is not None:
-        def attend(i, qk, v):  # layer i's cache write and attention, eager between the compiled pieces
-            K, V = cache.k[i][start:start + b], cache.v[i][start:start + b]
-            nq = qk.shape[1] - K.shape[1]
-            K.scatter_(2, where, qk[:, nq:].to(K.dtype))
-            V.scatter_(2, where, v.to(V.dtype))
-            return _attention(qk[:, :nq], K, V, mask, span, spans).contiguous()
-        return compiled.forward(embeds, rope, attend)
+        Ks, Vs = cache.rows(start, b)
+
+        def attend(i, q):  # layer i's attention, eager between the compiled pieces (they wrote its k and v)
+            return _attention(q, Ks[i], Vs[i], mask, span, spans).contiguous()
+        return compiled.forward(embeds, rope, pos, Ks, Vs, attend)
     h = embeds
     for i, layer in enumerate(body.layers):
         h = _layer(layer, h, rope, cache.k[i][start:start + b], cache.v[i][start:start + b], where, mask,
