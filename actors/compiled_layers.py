@@ -7,19 +7,19 @@ passed as inputs:
 - ``first``: input norm, q/k/v projection, rotary embedding and cache write of layer 0;
 - ``mid``: layer i's output projection and MLP, then layer i + 1's norm, q/k/v, rotary embedding and cache
   write;
-- ``last``: the last layer's output projection and MLP (the final norm stays eager: compiled, its reduction
-  parted from the eager one's in the last bit at some shapes).
+- ``last``: the last layer's output projection and MLP (the final norm is one eager op after it).
 
-The graphs write each layer's keys and values into the rows' caches in place; attention stays eager between
-them (``row_cache.body_forward``), each query over exactly its keys as before, and the compiled pieces compute each row on its own, so a verification stays bitwise the
-single steps it stands for (checked when the layers load: ``_consistent``). The compiled pieces are not
-bitwise the eager ones (their silu and norms round differently in the last bit), so a process serves one path
-only, chosen at load: a replica that falls back to eager stays exact but may part from a compiled replica's
-greedy text after a near-tie, as two builds of any engine do.
-Batch rows and tokens are dynamic dimensions, so one build serves decoding, verification, batches and prompt
-chunks. The builds are cached in the data dir (``compiled/<key>/``), keyed by torch's version, the layer shapes
-and this file, so a second start loads them in seconds. The generated calls run through the package loader
-directly: its pytree wrapper costs more than a small graph.
+The graphs write each layer's keys and values into the rows' caches in place. Attention stays eager between
+them (``row_cache.body_forward``), each query over exactly its keys as before, and the graphs compute each row
+on its own, so a verification stays bitwise the single steps it stands for (checked when the layers load:
+``_consistent``). The graphs are not bitwise the eager layers (their silu and norms round differently in the
+last bit), so a process serves one path only, chosen at load: a replica that falls back to eager stays exact
+but may part from a compiled replica's greedy text after a near-tie, as two builds of any engine do.
+
+Rows, tokens and cache capacity are dynamic dimensions, so one build serves decoding, verification, batches
+and prompt chunks. Builds are cached in the data dir (``compiled/<key>/``), keyed by torch's version, the CPU's
+vector instructions, the layer shape and this file, so a second start loads them in a fraction of a second.
+The generated calls run through the package loader directly: its pytree wrapper costs more than a small graph.
 
 Why not ``torch.compile`` of the whole step: measured slower here (its guards and Python wrapper, and a graph
 that mutates the caches copies them); AOTInductor's C++ wrapper has neither.

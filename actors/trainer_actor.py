@@ -22,7 +22,10 @@ def build_trainer(cfg: OnspecConfig, client: redis.Redis | None = None) -> Onlin
     from onspec.actors.models import load_target, make_drafter, stop_token_ids
 
     torch.set_num_threads(cfg.trainer.threads)
-    target, tok = load_target(cfg.model.model_copy(update={"threads": cfg.trainer.threads}), cfg.data_dir)
+    # The trainer's teacher runs transformers' own forward over whole windows, not the serving step: it builds
+    # no compiled layers (which would race the replicas' first build for the same cores).
+    target, tok = load_target(cfg.model.model_copy(update={"threads": cfg.trainer.threads, "compiled_layers": False}),
+                              cfg.data_dir)
     client = client or redis.Redis.from_url(cfg.redis.url, socket_timeout=10, socket_connect_timeout=10)
     registry = DrafterRegistry(client, cfg.data_dir, cfg.registry.prefix)
     if cfg.drafter.checkpoint:
