@@ -18,6 +18,7 @@ import time
 from typing import Callable
 
 import redis
+import torch
 
 from onspec.actors.registry import DrafterRegistry, RegistryError
 
@@ -74,6 +75,11 @@ class DrafterWatcher:
         return version
 
     def _run(self) -> None:
+        # Loading a drafter here runs torch's parallel ops. Given a second OpenMP team (this thread's), libgomp
+        # stops spinning its workers between parallel regions once more threads than cores are in teams, and
+        # the decoding thread's forwards then ran ~3x slower for the rest of the process's life (BENCHMARKS.md,
+        # "the HTTP path at one stream"). On one thread this thread starts no team.
+        torch.set_num_threads(1)
         while not self._stop.is_set():
             try:
                 self.check_once()
