@@ -78,7 +78,8 @@ class DrafterWatcher:
         # Loading a drafter here runs torch's parallel ops. Given a second OpenMP team (this thread's), libgomp
         # stops spinning its workers between parallel regions once more threads than cores are in teams, and
         # the decoding thread's forwards then ran ~3x slower for the rest of the process's life (BENCHMARKS.md,
-        # "the HTTP path at one stream"). On one thread this thread starts no team.
+        # "a second OpenMP team"). On one thread this thread starts no team. (torch's setting is process-wide
+        # for threads that start after it: in a replica only the decoding thread should run parallel work.)
         torch.set_num_threads(1)
         while not self._stop.is_set():
             try:

@@ -226,3 +226,25 @@ def test_prune_deletes_old_rejected_candidates_files_only(reg, target):
     for v in versions[2:] + ["base"]:
         assert (reg.root / v).is_dir() and not reg.show(v)["pruned"]
     assert reg.prune(keep_rejected=2) == []
+
+
+def test_the_watcher_loads_drafters_on_one_torch_thread(reg, target):
+    """A second OpenMP team in the replica's process slowed its decoding thread ~3x (BENCHMARKS.md, "a second
+    OpenMP team"): the watcher's thread loads a new version with torch on one thread."""
+    from types import SimpleNamespace
+
+    from conftest import poll
+    from onspec.actors.hot_swap import DrafterWatcher
+
+    register_three(reg, target)
+    seen = {}
+    engine = SimpleNamespace(_next_drafter=None, drafter=SimpleNamespace(version="base"), target=target,
+                             swap_drafter=lambda d: seen.update(version=d.version, threads=torch.get_num_threads()))
+    before = torch.get_num_threads()
+    watcher = DrafterWatcher(reg, engine, "r-threads", load=lambda: {}).start()
+    try:
+        poll(lambda: "version" in seen, "the watcher loads the serving version")
+    finally:
+        watcher.stop()
+        torch.set_num_threads(before)  # the setting is process-wide for threads that start after it
+    assert seen == {"version": reg.serving(), "threads": 1}
