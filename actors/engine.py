@@ -238,6 +238,12 @@ class SpeculativeEngine:
 
     # ---- costs ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Calibrate the cost model if the draft-length policy reads it and it has not been measured yet (a
+        served replica does this before it reports ready, so that no request waits for it)."""
+        if not self.calibrated and self.spec.cost_aware and self.spec.mode == "adaedl":
+            self.calibrate()
+
     def calibrate(self, reps: int = 3) -> None:
         """Measure target forwards over rows x tokens (1, 2, 4, ... rows; 1..max_draft+1 tokens each) and one
         drafter token per row.
@@ -378,9 +384,8 @@ class SpeculativeEngine:
         verification round over every decoding row. Returns the sequences with new tokens (``seq.new``,
         ``seq.logprobs``) or just finished (``seq.finished``); finished ones have left the batch."""
         self.apply_pending_swap()
-        if any(s.speculate for s in self.joining) and not self.calibrated and self.spec.cost_aware \
-                and self.spec.mode == "adaedl":
-            self.calibrate()
+        if any(s.speculate for s in self.joining):
+            self.warm_up()
         touched: list[_Sequence] = []
         for seq in self.active:
             seq.new, seq.logprobs = [], []

@@ -221,7 +221,10 @@ class Replica:
         if cfg is not None:
             try:
                 from onspec.actors.engine import SpeculativeEngine
-                self._started.put(SpeculativeEngine.from_config(cfg))
+                engine = SpeculativeEngine.from_config(cfg)
+                # Measured before the replica is ready: the first speculative request would wait ~20 s for it.
+                engine.warm_up()
+                self._started.put(engine)
             except BaseException as e:  # noqa: BLE001 -- handed to the constructor, which raises it
                 self._started.put(e)
                 return

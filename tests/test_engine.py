@@ -267,3 +267,17 @@ def test_a_drafter_handed_over_mid_request_is_taken_between_rounds():
             eng.swap_drafter(other)
     assert out == expected
     assert eng.drafter is other and eng.swaps == 1 and stats_versions[-1] == "other"
+
+
+def test_warm_up_calibrates_once_where_the_policy_reads_costs():
+    """What a served replica runs before it reports ready (actors/replica.py), so no request waits for it."""
+    eng = tiny_engine(mode="adaedl", cost_aware=True)
+    assert not eng.calibrated and eng.batch_costs == {}
+    eng.warm_up()
+    assert eng.calibrated and eng.batch_costs[1] and eng.draft_costs[1] > 0
+    costs = dict(eng.batch_costs)
+    eng.warm_up()  # measured once
+    assert eng.batch_costs == costs
+    fixed = tiny_engine(mode="fixed", cost_aware=True)
+    fixed.warm_up()
+    assert not fixed.calibrated  # fixed drafts read no costs
