@@ -244,6 +244,7 @@ class SpeculativeEngine:
         if not self.calibrated and self.spec.cost_aware and self.spec.mode == "adaedl":
             self.calibrate()
 
+    @torch.inference_mode()
     def calibrate(self, reps: int = 3) -> None:
         """Measure target forwards over rows x tokens (1, 2, 4, ... rows; 1..max_draft+1 tokens each) and one
         drafter token per row.
