@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from onspec.actors.int4_linear import GROUP
+from onspec.actors.int4_linear import int4_mm, repeated
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +63,6 @@ class Shape:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _mm(x, packed, scales):
-    """int4_linear.int4_mm, written out so the graph holds the kernel call itself."""
-    return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, GROUP, scales).to(x.dtype)
-
-
-def _rep(x, repeat):
-    return x if repeat == 1 else torch.cat([x] * repeat, dim=-1)
-
-
 class _First(torch.nn.Module):
     def __init__(self, s: Shape):
         super().__init__()
@@ -84,7 +75,7 @@ class _First(torch.nn.Module):
         s = self.s
         b, T, H = h.shape
         x = F.rms_norm(h, (H,), in_w, s.eps).view(b * T, H)
-        y = _mm(_rep(x, s.repeat), qkv_p, qkv_s)
+        y = int4_mm(repeated(x, s.repeat), qkv_p, qkv_s)
         width = (s.heads + s.kv_heads) * s.head_dim
         qk = y[:, :width].view(b, T, -1, s.head_dim)
         qk = qk * cos + qk.roll(s.head_dim // 2, dims=-1) * sin
@@ -102,10 +93,10 @@ class _Last(_First):
         """row_cache._layer_int4 after attention: output projection, residual, norm, MLP, residual."""
         s = self.s
         b, T, H = h.shape
-        h = h + _mm(_rep(o.transpose(1, 2).reshape(b * T, -1), s.repeat), o_p, o_s).view(b, T, H)
+        h = h + int4_mm(repeated(o.transpose(1, 2).reshape(b * T, -1), s.repeat), o_p, o_s).view(b, T, H)
         x = F.rms_norm(h, (H,), post_w, s.eps).view(b * T, H)
-        gate, up = _mm(_rep(x, s.repeat), gu_p, gu_s).chunk(2, dim=-1)
-        return h + _mm(_rep(F.silu(gate) * up, s.repeat), d_p, d_s).view(b, T, H)
+        gate, up = int4_mm(repeated(x, s.repeat), gu_p, gu_s).chunk(2, dim=-1)
+        return h + int4_mm(repeated(F.silu(gate) * up, s.repeat), d_p, d_s).view(b, T, H)
 
     def forward(self, h, o, o_p, o_s, post_w, gu_p, gu_s, d_p, d_s):
         return self.mlp(h, o, o_p, o_s, post_w, gu_p, gu_s, d_p, d_s)

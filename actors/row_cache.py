@@ -38,6 +38,7 @@ class RowCache:
         self.exact = bool(getattr(body, "exact_attention", False))
         self.slots, self.max_capacity = slots, max_capacity
         self.capacity = 0
+        self._rows_key = None  # rows(): the (start, b, capacity) its views are for
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.ensure(min(capacity, max_capacity))
@@ -59,7 +60,7 @@ class RowCache:
         """Every layer's keys and values of rows ``start .. start+b-1`` (views, kept while the rows and the
         capacity stay: a decoding loop asks for the same ones every step)."""
         key = (start, b, self.capacity)
-        if getattr(self, "_rows_key", None) != key:
+        if self._rows_key != key:
             self._rows = ([k[start:start + b] for k in self.k], [v[start:start + b] for v in self.v])
             self._rows_key = key
         return self._rows
@@ -88,7 +89,6 @@ def body_forward(body, embeds: torch.Tensor, cache: RowCache, start: int, length
     span = int(lengths.max()) + T                                        # keys any query here can see
     cache.ensure(span)
     rope = _rope(body, embeds, pos)
-    where = pos[:, None, :, None].expand(b, cache.kv_heads, T, cache.head_dim)
     if cache.exact and not prompt_chunk:
         spans, mask = (pos + 1).tolist(), None
     elif prompt_chunk and span == T:  # the prompt's first chunk: causal over its own keys (_attention)
@@ -103,6 +103,7 @@ def body_forward(body, embeds: torch.Tensor, cache: RowCache, start: int, length
         def attend(i, q):  # layer i's attention, eager between the compiled pieces (they wrote its k and v)
             return _attention(q, Ks[i], Vs[i], mask, span, spans).contiguous()
         return compiled.forward(embeds, rope, pos, Ks, Vs, attend)
+    where = pos[:, None, :, None].expand(b, cache.kv_heads, T, cache.head_dim)
     h = embeds
     for i, layer in enumerate(body.layers):
         h = _layer(layer, h, rope, cache.k[i][start:start + b], cache.v[i][start:start + b], where, mask,
