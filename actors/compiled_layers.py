@@ -1,25 +1,28 @@
 """The 4-bit target's layers compiled ahead of time (AOTInductor): the work between two attentions as one call.
 
 At one to a few tokens a step, a 4-bit layer's ~25 eager operations cost more in dispatch than in arithmetic
-(BENCHMARKS.md, "A compiled step"). Three graphs cover the body, every layer sharing them with its weights
+(BENCHMARKS.md, "A compiled step"). Each layer is one call into graphs that every layer shares, its weights
 passed as inputs:
 
-- ``first``: input norm, q/k/v projection, rotary embedding and cache write of layer 0;
-- ``mid``: layer i's output projection and MLP, then layer i + 1's norm, q/k/v, rotary embedding and cache
-  write;
+- ``first_attend``: input norm, q/k/v projection, rotary embedding, cache write and attention of layer 0;
+- ``mid_attend``: layer i's output projection and MLP, then all of the above for layer i + 1;
 - ``last``: the last layer's output projection and MLP (the final norm is one eager op after it).
 
-The graphs write each layer's keys and values into the rows' caches in place. Attention stays eager between
-them (``row_cache.body_forward``), each query over exactly its keys as before, and the graphs compute each row
-on its own, so a verification stays bitwise the single steps it stands for (checked when the layers load:
-``_consistent``). The graphs are not bitwise the eager layers (their silu and norms round differently in the
-last bit), so a process serves one path only, chosen at load: a replica that falls back to eager stays exact
-but may part from a compiled replica's greedy text after a near-tie, as two builds of any engine do.
+The graphs write each layer's keys and values into the rows' caches in place, and compute attention each
+query over exactly its keys (``exact_attention``), each row on its own: a query's bits do not depend on what
+shares its forward, so a verification stays bitwise the single steps it stands for (checked when the layers
+load: ``_consistent``). A prompt chunk instead takes ``first`` and ``mid``, the same graphs without attention,
+with SDPA's causal kernel between them (``row_cache.body_forward``): the graphs' attention computes every key
+of every query, which a long chunk does not need. The graphs are not bitwise the eager layers (their silu and
+norms round differently in the last bit), so a process serves one path only, chosen at load: a replica that
+falls back to eager stays exact but may part from a compiled replica's greedy text after a near-tie, as two
+builds of any engine do.
 
-Rows, tokens and cache capacity are dynamic dimensions, so one build serves decoding, verification, batches
-and prompt chunks. Builds are cached in the data dir (``compiled/<key>/``), keyed by torch's version, the CPU's
-vector instructions, the layer shape and this file, so a second start loads them in a fraction of a second.
-The generated calls run through the package loader directly: its pytree wrapper costs more than a small graph.
+Rows, tokens, keys and cache capacity are dynamic dimensions, so one build serves decoding, verification,
+batches and prompt chunks. Builds are cached in the data dir (``compiled/<key>/``), keyed by torch's version,
+the CPU's vector instructions, the layer shape and this file, so a second start loads them in a fraction of a
+second. The generated calls run through the package loader directly: its pytree wrapper costs more than a
+small graph.
 
 Why not ``torch.compile`` of the whole step: measured slower here (its guards and Python wrapper, and a graph
 that mutates the caches copies them); AOTInductor's C++ wrapper has neither.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -88,6 +92,37 @@ class _First(torch.nn.Module):
         return self.qkv(h, cos, sin, pos, K, V, in_w, qkv_p, qkv_s)
 
 
+def exact_attention(s: Shape, q, K, V, keys, pos):
+    """Softmax(q k^T / sqrt(d)) v for every query over the keys at positions <= its own (Vaswani et al. 2017,
+    eq. 1; grouped-query: each kv head serves ``heads / kv_heads`` query heads). q [b, heads, T, d]; K, V the
+    rows' caches [b, kv_heads, capacity, d]; ``keys`` = arange(span), span the keys any query here sees; ``pos``
+    [b, T] each query's position.
+
+    Written as products and sums, not matmuls, so that Inductor generates the loops (a matmul would go to the
+    BLAS, whose reduction order depends on the shapes): every sum over keys then runs in key order into one
+    vector accumulator, the tail through a masked load, so the masked keys past a query's own add exact zeros
+    in lanes of their own and a query gets the same bits whatever it is batched with or padded to. That is what
+    speculation rests on (a verification is bitwise its single steps); ``_consistent`` checks it at load."""
+    b, _, T, d = q.shape
+    g = s.heads // s.kv_heads
+    Kk, Vv = K.narrow(2, 0, keys.shape[0]), V.narrow(2, 0, keys.shape[0])
+    qg = q.view(b, s.kv_heads, g, T, d) * (1.0 / math.sqrt(d))
+    scores = (qg[:, :, :, :, None, :] * Kk[:, :, None, None, :, :]).sum(-1)       # [b, kv_heads, g, T, span]
+    seen = keys[None, None, :] <= pos[:, :, None]                                 # [b, T, span]
+    scores = scores.masked_fill(~seen[:, None, None], float("-inf"))
+    e = torch.exp(scores - scores.amax(-1, keepdim=True))
+    o = (e[..., None] * Vv[:, :, None, None, :, :]).sum(-2) / e.sum(-1, keepdim=True)
+    return o.view(b, s.heads, T, d)
+
+
+class _FirstAttend(_First):
+    def forward(self, h, cos, sin, pos, keys, K, V, in_w, qkv_p, qkv_s):
+        q = self.qkv(h, cos, sin, pos, K, V, in_w, qkv_p, qkv_s)
+        # q is returned as well so that it is computed once into a buffer: otherwise Inductor inlines its
+        # projection's rotation into the attention's loop over keys, once per key (2x slower at 200 keys).
+        return exact_attention(self.s, q, K, V, keys, pos), q
+
+
 class _Last(_First):
     def mlp(self, h, o, o_p, o_s, post_w, gu_p, gu_s, d_p, d_s):
         """row_cache._layer_int4 after attention: output projection, residual, norm, MLP, residual."""
@@ -108,30 +143,50 @@ class _Mid(_Last):
         return h, self.qkv(h, cos, sin, pos, K, V, in_w, qkv_p, qkv_s)
 
 
+class _MidAttend(_Last):
+    def forward(self, h, o, cos, sin, pos, keys, K, V, o_p, o_s, post_w, gu_p, gu_s, d_p, d_s, in_w, qkv_p, qkv_s):
+        h = self.mlp(h, o, o_p, o_s, post_w, gu_p, gu_s, d_p, d_s)
+        q = self.qkv(h, cos, sin, pos, K, V, in_w, qkv_p, qkv_s)
+        return h, exact_attention(self.s, q, K, V, keys, pos), q  # q: as _FirstAttend's
+
+
+GRAPHS = {"first": _First, "mid": _Mid, "last": _Last, "first_attend": _FirstAttend, "mid_attend": _MidAttend}
+
+
 class CompiledLayers:
     """A body's 4-bit layers as the three loaded graphs, with each layer's inputs gathered once."""
 
     def __init__(self, folder: Path, plans, norm_w: torch.Tensor):
-        loaders = {n: torch._inductor.aoti_load_package(str(folder / f"{n}.pt2")).loader
-                   for n in ("first", "mid", "last")}
-        self.first, self.mid, self.last = loaders["first"].run, loaders["mid"].run, loaders["last"].run
+        runs = {n: torch._inductor.aoti_load_package(str(folder / f"{n}.pt2")).loader.run for n in GRAPHS}
+        self.first, self.mid, self.last = runs["first"], runs["mid"], runs["last"]
+        self.first_attend, self.mid_attend = runs["first_attend"], runs["mid_attend"]
         self.qkv_w = [[p.in_w, *p.qkv] for p in plans]
         self.mlp_w = [[*p.o, p.post_w, *p.gate_up, *p.down] for p in plans]
         self.norm_w, self.eps = norm_w, plans[0].in_eps
 
-    def forward(self, h, rope, pos, Ks, Vs, attend):
+    def forward(self, h, rope, pos, Ks, Vs, attend=None, span: int | None = None):
         """The body over hidden states ``h`` [b, T, H] at positions ``pos`` [b, T] of the rows' caches ``Ks``,
-        ``Vs`` (per layer [b, kv_heads, capacity, head_dim], contiguous); ``attend(i, q)`` returns layer i's
-        attention output [b, heads, T, head_dim]. Returns the final-normed hidden states."""
+        ``Vs`` (per layer [b, kv_heads, capacity, head_dim], contiguous). Attention is the graphs' own
+        (``exact_attention``, each query over its keys ``0 .. pos``, of ``span`` keys in all) or, given
+        ``attend(i, q)``, eager: layer i's output [b, heads, T, head_dim] (a prompt chunk's causal product).
+        Returns the final-normed hidden states."""
         # The generated code indexes its inputs as the contiguous examples it was built from (it does not read
         # strides): a view such as a slice of the prompt's embeddings must be copied first.
         h, cos, sin, pos = h.contiguous(), rope[0].contiguous(), rope[1].contiguous(), pos.contiguous()
-        q = self.first([h, cos, sin, pos, Ks[0], Vs[0], *self.qkv_w[0]])[0]
         last = len(self.mlp_w) - 1
-        for i in range(last):
-            h, q = self.mid([h, attend(i, q), cos, sin, pos, Ks[i + 1], Vs[i + 1], *self.mlp_w[i],
-                             *self.qkv_w[i + 1]])
-        h = self.last([h, attend(last, q), *self.mlp_w[last]])[0]
+        if attend is None:
+            keys = torch.arange(span, device=h.device)
+            o, _ = self.first_attend([h, cos, sin, pos, keys, Ks[0], Vs[0], *self.qkv_w[0]])
+            for i in range(last):
+                h, o, _ = self.mid_attend([h, o, cos, sin, pos, keys, Ks[i + 1], Vs[i + 1], *self.mlp_w[i],
+                                        *self.qkv_w[i + 1]])
+        else:
+            q = self.first([h, cos, sin, pos, Ks[0], Vs[0], *self.qkv_w[0]])[0]
+            for i in range(last):
+                h, q = self.mid([h, attend(i, q), cos, sin, pos, Ks[i + 1], Vs[i + 1], *self.mlp_w[i],
+                                 *self.qkv_w[i + 1]])
+            o = attend(last, q)
+        h = self.last([h, o, *self.mlp_w[last]])[0]
         return F.rms_norm(h, (h.shape[-1],), self.norm_w, self.eps)
 
 
@@ -145,13 +200,18 @@ def _examples(s: Shape, plans, norm_w, b=2, T=3):
     K, V = torch.zeros(b, s.kv_heads, 16, s.head_dim), torch.zeros(b, s.kv_heads, 16, s.head_dim)
     B, N = torch.export.Dim("rows", min=1, max=MAX_ROWS), torch.export.Dim("tokens", min=1, max=MAX_TOKENS)
     C = torch.export.Dim("capacity", min=2, max=1 << 20)
-    bt3, bt4, bo, kv = {0: B, 1: N}, {0: B, 1: N}, {0: B, 2: N}, {0: B, 2: C}
+    S = torch.export.Dim("span", min=1, max=1 << 20)
+    keys = torch.arange(9)  # a span apart from every other example size (and <= the capacity, 16)
+    bt3, bt4, bo, kv, ks = {0: B, 1: N}, {0: B, 1: N}, {0: B, 2: N}, {0: B, 2: C}, {0: S}
     qkv = (p.in_w, *p.qkv)
     mlp = (*p.o, p.post_w, *p.gate_up, *p.down)
     return {
         "first": ((h, cos, sin, pos, K, V, *qkv), (bt3, bt4, bt4, bt3, kv, kv) + (None,) * 3),
         "mid": ((h, o, cos, sin, pos, K, V, *mlp, *qkv), (bt3, bo, bt4, bt4, bt3, kv, kv) + (None,) * 10),
         "last": ((h, o, *mlp), (bt3, bo) + (None,) * 7),
+        "first_attend": ((h, cos, sin, pos, keys, K, V, *qkv), (bt3, bt4, bt4, bt3, ks, kv, kv) + (None,) * 3),
+        "mid_attend": ((h, o, cos, sin, pos, keys, K, V, *mlp, *qkv),
+                       (bt3, bo, bt4, bt4, bt3, ks, kv, kv) + (None,) * 10),
     }
 
 
@@ -161,9 +221,8 @@ def _build(folder: Path, s: Shape, plans, norm_w) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".build-"))
     try:
-        modules = {"first": _First(s), "mid": _Mid(s), "last": _Last(s)}
         for name, (args, dims) in _examples(s, plans, norm_w).items():
-            ep = torch.export.export(modules[name], args, dynamic_shapes=dims, strict=False)
+            ep = torch.export.export(GRAPHS[name](s), args, dynamic_shapes=dims, strict=False)
             torch._inductor.aoti_compile_and_package(ep, package_path=str(work / f"{name}.pt2"))
         try:
             os.rename(work, folder)
@@ -201,7 +260,7 @@ def compile_layers(body, cache_dir: Path) -> CompiledLayers | None:
         return None
     folder = Path(cache_dir) / s.key()
     try:
-        if not (folder / "last.pt2").exists():
+        if not all((folder / f"{n}.pt2").exists() for n in GRAPHS):
             log.info("compiling the target's layers into %s (once per torch version and model shape)", folder)
             _build(folder, s, plans, body.norm.weight)
         layers = CompiledLayers(folder, plans, body.norm.weight)
@@ -217,17 +276,18 @@ def compile_layers(body, cache_dir: Path) -> CompiledLayers | None:
 @torch.inference_mode()
 def _consistent(body, layers: CompiledLayers) -> bool:
     """Whether the compiled layers keep the property speculation rests on: a query's hidden state is bitwise the
-    same whatever shares its forward. Two rows' prompts, then a ragged 3-token verification over both rows,
-    against one row's single steps (the shapes the engine runs)."""
+    same whatever shares its forward. Rows of 30 and 7 positions, then a 3-token verification over both (row 1
+    padded to row 0's keys), against row 1's single steps in a cache of another capacity."""
     from onspec.actors.row_cache import RowCache, body_forward
 
-    ids = torch.randint(body.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(body.config.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
     emb = body.embed_tokens(ids)
     saved, body.compiled_layers = getattr(body, "compiled_layers", None), layers
     try:
-        both, one = RowCache(body, 2, 16), RowCache(body, 1, 16)
-        body_forward(body, emb[:, :7], both, 0, torch.tensor([0, 0]))
-        verify = body_forward(body, emb[:, 7:10], both, 0, torch.tensor([7, 7]))
+        both, one = RowCache(body, 2, 64), RowCache(body, 1, 16)
+        body_forward(body, emb[:1, :30], both, 0, torch.tensor([0]))
+        body_forward(body, emb[1:, :7], both, 1, torch.tensor([0]))
+        verify = body_forward(body, torch.stack([emb[0, 30:33], emb[1, 7:10]]), both, 0, torch.tensor([30, 7]))
         body_forward(body, emb[1:, :7], one, 0, torch.tensor([0]))
         steps = [body_forward(body, emb[1:, 7 + t:8 + t], one, 0, torch.tensor([7 + t])) for t in range(3)]
     finally:

@@ -99,6 +99,8 @@ def body_forward(body, embeds: torch.Tensor, cache: RowCache, start: int, length
     compiled = getattr(body, "compiled_layers", None)
     if compiled is not None:
         Ks, Vs = cache.rows(start, b)
+        if spans is not None:  # exact: the graphs' own attention (compiled_layers.exact_attention)
+            return compiled.forward(embeds, rope, pos, Ks, Vs, span=span)
 
         def attend(i, q):  # layer i's attention, eager between the compiled pieces (they wrote its k and v)
             return _attention(q, Ks[i], Vs[i], mask, span, spans).contiguous()

@@ -46,22 +46,50 @@ def test_a_verification_is_bitwise_its_single_steps(compiled_target):
 
 
 @torch.inference_mode()
+def test_a_query_gets_the_same_bits_whatever_shares_its_forward(compiled_target):
+    """The graphs' own attention (compiled_layers.exact_attention) over random batches: rows of lengths 1-150
+    (padded to the longest, so a query's keys end anywhere in a vector), 1-6 queries each, against every query
+    computed alone in a cache of another capacity."""
+    body = compiled_target.model
+    g = torch.Generator().manual_seed(5)
+    for trial in range(6):
+        b, T = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(1, 7, (1,), generator=g))
+        lengths = torch.randint(1, 150, (b,), generator=g)
+        ids = torch.randint(body.config.vocab_size, (b, 160), generator=g)
+        emb = body.embed_tokens(ids)
+        batch = RowCache(body, b, 160)
+        for r, n in enumerate(lengths.tolist()):
+            body_forward(body, emb[r:r + 1, :n], batch, r, torch.tensor([0]), prompt_chunk=True)
+        out = body_forward(body, torch.stack([emb[r, n:n + T] for r, n in enumerate(lengths.tolist())]), batch, 0,
+                           lengths)
+        for r, n in enumerate(lengths.tolist()):
+            alone = RowCache(body, 1, 16)
+            body_forward(body, emb[r:r + 1, :n], alone, 0, torch.tensor([0]), prompt_chunk=True)
+            for t in range(T):
+                step = body_forward(body, emb[r:r + 1, n + t:n + t + 1], alone, 0, torch.tensor([n + t]))
+                assert torch.equal(out[r, t], step[0, 0]), f"trial {trial}: row {r} of {b}, query {t} of {T}"
+
+
+@torch.inference_mode()
 def test_compiled_layers_compute_the_eager_layers(compiled_target):
     """Not bitwise (silu and the norms round differently), but the same model: logits agree to bf16's
     precision and the greedy tokens match on a prompt."""
     body = compiled_target.model
     ids = torch.randint(body.config.vocab_size, (1, 50), generator=torch.Generator().manual_seed(4))
     out = {}
-    for name, layers in (("compiled", body.compiled_layers), ("eager", None)):
+    # A prompt chunk (eager attention between the graphs) and the graphs' own attention (a verification).
+    for name, layers, chunk in (("compiled", body.compiled_layers, True), ("attend", body.compiled_layers, False),
+                                ("eager", None, True)):
         saved, body.compiled_layers = body.compiled_layers, layers
         try:
             cache = RowCache(body, 1, 64)
             out[name] = compiled_target.lm_head(body_forward(body, body.embed_tokens(ids), cache, 0,
-                                                             torch.tensor([0]), prompt_chunk=True)).float()
+                                                             torch.tensor([0]), prompt_chunk=chunk)).float()
         finally:
             body.compiled_layers = saved
-    assert (out["compiled"] - out["eager"]).abs().max() < 0.05 * out["eager"].abs().max()
-    assert (out["compiled"].argmax(-1) == out["eager"].argmax(-1)).float().mean() > 0.95
+    for name in ("compiled", "attend"):
+        assert (out[name] - out["eager"]).abs().max() < 0.05 * out["eager"].abs().max(), name
+        assert (out[name].argmax(-1) == out["eager"].argmax(-1)).float().mean() > 0.95, name
 
 
 def test_a_second_start_loads_the_build(compiled_target, tmp_path):
