@@ -58,12 +58,12 @@ class Shape:
     eps: float
     repeat: int
 
-    def key(self) -> str:
+    def key(self, names: tuple[str, ...]) -> str:
         source = Path(__file__).read_bytes()
         # The generated code is for this CPU's vector instructions: a data dir shared by nodes of other CPUs
         # must not load it there.
         cpu = torch.backends.cpu.get_cpu_capability()
-        text = f"{torch.__version__}|{cpu}|{self}|{hashlib.sha256(source).hexdigest()}"
+        text = f"{torch.__version__}|{cpu}|{self}|{names}|{hashlib.sha256(source).hexdigest()}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -156,10 +156,12 @@ GRAPHS = {"first": _First, "mid": _Mid, "last": _Last, "first_attend": _FirstAtt
 class CompiledLayers:
     """A body's 4-bit layers as the three loaded graphs, with each layer's inputs gathered once."""
 
-    def __init__(self, folder: Path, plans, norm_w: torch.Tensor):
-        runs = {n: torch._inductor.aoti_load_package(str(folder / f"{n}.pt2")).loader.run for n in GRAPHS}
-        self.first, self.mid, self.last = runs["first"], runs["mid"], runs["last"]
-        self.first_attend, self.mid_attend = runs["first_attend"], runs["mid_attend"]
+    def __init__(self, folder: Path, plans, norm_w: torch.Tensor, names: tuple[str, ...]):
+        runs = {n: torch._inductor.aoti_load_package(str(folder / f"{n}.pt2")).loader.run for n in names}
+        self.folder = folder
+        self.first, self.mid, self.last = runs.get("first"), runs.get("mid"), runs["last"]
+        self.first_attend, self.mid_attend = runs["first_attend"], runs.get("mid_attend")
+        self.chunks = "first" in runs  # a prompt chunk's path (SDPA between attention-free graphs) is built
         self.qkv_w = [[p.in_w, *p.qkv] for p in plans]
         self.mlp_w = [[*p.o, p.post_w, *p.gate_up, *p.down] for p in plans]
         self.norm_w, self.eps = norm_w, plans[0].in_eps
@@ -215,13 +217,24 @@ def _examples(s: Shape, plans, norm_w, b=2, T=3):
     }
 
 
-def _build(folder: Path, s: Shape, plans, norm_w) -> None:
+def graph_names(layers: int, chunks: bool) -> tuple[str, ...]:
+    """The graphs a body of ``layers`` layers uses: the "mid" ones only past one layer, the attention-free ones
+    only where prompt chunks are served (a drafter reads its backlog as verification-like steps)."""
+    names = ["first_attend", "last"] + (["mid_attend"] if layers > 1 else [])
+    if chunks:
+        names += ["first"] + (["mid"] if layers > 1 else [])
+    return tuple(names)
+
+
+def _build(folder: Path, s: Shape, plans, norm_w, names: tuple[str, ...]) -> None:
     """Export and compile the three graphs into ``folder`` (written elsewhere first, then renamed: replicas
     starting together may build at once, and a reader never sees half a build)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".build-"))
     try:
         for name, (args, dims) in _examples(s, plans, norm_w).items():
+            if name not in names:
+                continue
             ep = torch.export.export(GRAPHS[name](s), args, dynamic_shapes=dims, strict=False)
             torch._inductor.aoti_compile_and_package(ep, package_path=str(work / f"{name}.pt2"))
         try:
@@ -249,21 +262,23 @@ def shape_of(body, plans) -> Shape | None:
                  plans[0].repeat)
 
 
-def compile_layers(body, cache_dir: Path) -> CompiledLayers | None:
+def compile_layers(body, cache_dir: Path, chunks: bool = True) -> CompiledLayers | None:
     """The body's compiled layers, built into ``cache_dir`` on the first call and loaded after; None (eager)
-    where the layers are not 4-bit plans of one shape, or where building fails (no C++ compiler, say)."""
+    where the layers are not 4-bit plans of one shape, or where building fails (no C++ compiler, say).
+    ``chunks``: also the graphs a prompt chunk takes (``graph_names``)."""
     from onspec.actors.row_cache import _int4_plan
 
     plans = [_int4_plan(layer) for layer in body.layers]
     s = shape_of(body, plans)
     if s is None:
         return None
-    folder = Path(cache_dir) / s.key()
+    names = graph_names(len(plans), chunks)
+    folder = Path(cache_dir) / s.key(names)
     try:
-        if not all((folder / f"{n}.pt2").exists() for n in GRAPHS):
-            log.info("compiling the target's layers into %s (once per torch version and model shape)", folder)
-            _build(folder, s, plans, body.norm.weight)
-        layers = CompiledLayers(folder, plans, body.norm.weight)
+        if not folder.exists():
+            log.info("compiling %d layers into %s (once per torch version and layer shape)", len(plans), folder)
+            _build(folder, s, plans, body.norm.weight, names)
+        layers = CompiledLayers(folder, plans, body.norm.weight, names)
         if not _consistent(body, layers):
             log.warning("compiled layers give a query different bits in a batch than alone: serving eager layers")
             return None
@@ -280,7 +295,7 @@ def _consistent(body, layers: CompiledLayers) -> bool:
     padded to row 0's keys), against row 1's single steps in a cache of another capacity."""
     from onspec.actors.row_cache import RowCache, body_forward
 
-    ids = torch.randint(body.config.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(body.embed_tokens.num_embeddings, (2, 33), generator=torch.Generator().manual_seed(0))
     emb = body.embed_tokens(ids)
     saved, body.compiled_layers = getattr(body, "compiled_layers", None), layers
     try:

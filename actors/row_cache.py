@@ -89,6 +89,11 @@ def body_forward(body, embeds: torch.Tensor, cache: RowCache, start: int, length
     span = int(lengths.max()) + T                                        # keys any query here can see
     cache.ensure(span)
     rope = _rope(body, embeds, pos)
+    compiled = getattr(body, "compiled_layers", None)
+    if compiled is not None and not (prompt_chunk and compiled.chunks):
+        # The graphs' own attention, each query over exactly its keys (compiled_layers.exact_attention).
+        Ks, Vs = cache.rows(start, b)
+        return compiled.forward(embeds, rope, pos, Ks, Vs, span=span)
     if cache.exact and not prompt_chunk:
         spans, mask = (pos + 1).tolist(), None
     elif prompt_chunk and span == T:  # the prompt's first chunk: causal over its own keys (_attention)
@@ -96,11 +101,8 @@ def body_forward(body, embeds: torch.Tensor, cache: RowCache, start: int, length
     else:
         spans, keys = None, torch.arange(span, device=embeds.device)
         mask = keys[None, None, None, :] <= pos[:, None, :, None]       # [b, 1, T, span]: causal per row
-    compiled = getattr(body, "compiled_layers", None)
-    if compiled is not None:
+    if compiled is not None:  # a prompt chunk: causal SDPA between the attention-free graphs
         Ks, Vs = cache.rows(start, b)
-        if spans is not None:  # exact: the graphs' own attention (compiled_layers.exact_attention)
-            return compiled.forward(embeds, rope, pos, Ks, Vs, span=span)
 
         def attend(i, q):  # layer i's attention, eager between the compiled pieces (they wrote its k and v)
             return _attention(q, Ks[i], Vs[i], mask, span, spans).contiguous()
