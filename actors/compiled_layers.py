@@ -157,7 +157,7 @@ class CompiledLayers:
     """A body's 4-bit layers as the three loaded graphs, with each layer's inputs gathered once."""
 
     def __init__(self, folder: Path, plans, norm_w: torch.Tensor, names: tuple[str, ...]):
-        runs = {n: torch._inductor.aoti_load_package(str(folder / f"{n}.pt2")).loader.run for n in names}
+        runs = _loaded(folder, names)
         self.folder = folder
         self.first, self.mid, self.last = runs.get("first"), runs.get("mid"), runs["last"]
         self.first_attend, self.mid_attend = runs["first_attend"], runs.get("mid_attend")
@@ -190,6 +190,18 @@ class CompiledLayers:
             o = attend(last, q)
         h = self.last([h, o, *self.mlp_w[last]])[0]
         return F.rms_norm(h, (h.shape[-1],), self.norm_w, self.eps)
+
+
+_LOADED: dict[tuple[Path, tuple[str, ...]], dict] = {}
+
+
+def _loaded(folder: Path, names: tuple[str, ...]) -> dict:
+    """The build's graphs, loaded once per process: they take the weights as inputs, so every drafter a replica
+    swaps in shares them (a load unpacks the package into a temporary folder and maps its library again)."""
+    key = (Path(folder), names)
+    if key not in _LOADED:
+        _LOADED[key] = {n: torch._inductor.aoti_load_package(str(folder / f"{n}.pt2")).loader.run for n in names}
+    return _LOADED[key]
 
 
 def _examples(s: Shape, plans, norm_w, b=2, T=3):

@@ -95,9 +95,9 @@ class ModelConfig(_Strict):
     skinny_linear: bool = Field(True, description="on the CPU, compute few-row linears as W @ x^T "
                                                   "(actors/skinny_linear.py)")
     compiled_layers: bool = Field(
-        True, description="serve a 4-bit target's layers compiled ahead of time (AOTInductor; built once into "
-                          "data_dir/compiled, ~1 min, then loaded in seconds; actors/compiled_layers.py); eager "
-                          "where building fails or the target is not 4-bit")
+        True, description="serve a 4-bit target's layers, and its served drafter's, compiled ahead of time "
+                          "(AOTInductor; built once into data_dir/compiled, ~1 min, then loaded in seconds; "
+                          "actors/compiled_layers.py); eager where building fails or the target is not 4-bit")
 
 
 class DrafterConfig(_Strict):

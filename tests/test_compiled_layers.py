@@ -123,3 +123,31 @@ def test_a_float_target_has_no_compiled_layers(tmp_path):
     assert getattr(target.model, "compiled_layers", None) is None
     target, _ = load_target(ModelConfig(compiled_layers=False), DATA_DIR)
     assert getattr(target.model, "compiled_layers", None) is None
+
+
+@torch.inference_mode()
+def test_the_served_drafter_runs_compiled_layers(real_engine):
+    """The drafter's layer on the same graphs (a drafted token 1.6 -> 0.8 ms): its greedy picks agree with its
+    eager layer's, and a swapped-in version reuses the loaded graphs (a load per swap would unpack the package
+    and map its library again, for as long as the replica serves)."""
+    from onspec.actors.config import DrafterConfig
+    from onspec.actors.models import make_drafter
+    from onspec.actors.row_cache import RowCache
+
+    d = real_engine.drafter
+    compiled = d.body.compiled_layers
+    assert compiled is not None and not compiled.chunks  # a drafter reads no prompt chunks
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(d.body.embed_tokens.num_embeddings, (1, 40), generator=g)
+    feats = torch.randn(1, 40, real_engine.hidden_size, generator=g)
+    picks = {}
+    for name, layers in (("compiled", compiled), ("eager", None)):
+        d.body.compiled_layers = layers
+        try:
+            cache = RowCache(d.body, 1, 64)
+            picks[name] = real_engine._drafter_forward(ids, cache, 0, torch.tensor([0]), feats)[0].argmax(-1)
+        finally:
+            d.body.compiled_layers = compiled
+    assert (picks["compiled"] == picks["eager"]).float().mean() > 0.9
+    swapped = real_engine.for_serving(make_drafter(real_engine.target, DrafterConfig()))
+    assert swapped.body.compiled_layers.first_attend is compiled.first_attend
