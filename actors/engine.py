@@ -659,15 +659,21 @@ class SpeculativeEngine:
         return ("model" if cap > 0 else "none"), cap, None
 
     def _drafter_forward(self, x: torch.Tensor, cache: RowCache, start: int, lengths: torch.Tensor,
-                         feats: torch.Tensor | None):
-        """Either drafter kind over rows of ``cache``: (kept-vocabulary logits, predicted features or None)."""
+                         feats: torch.Tensor | None, at: torch.Tensor | None = None, head: bool = True):
+        """Either drafter kind over rows of ``cache``: (kept-vocabulary logits, predicted features or None).
+        ``at`` [b]: only position at[r] of each row goes through the head (logits [b, V]); ``head`` False: no
+        position does (a catch-up read is for the cache: over a 100-token backlog the head cost more than the
+        layer)."""
         d = self.drafter
         emb = d.body.embed_tokens(x)
-        if getattr(d, "kind", None) == "feature":
+        feature = getattr(d, "kind", None) == "feature"
+        if feature:
             emb = d.fc(torch.cat([emb, feats.to(emb.dtype) * d.feature_scale.to(emb.dtype)], dim=-1))
-            hidden = body_forward(d.body, emb, cache, start, lengths)
-            return d.head(hidden), hidden
-        return d.head(body_forward(d.body, emb, cache, start, lengths)), None
+        hidden = body_forward(d.body, emb, cache, start, lengths)
+        if not head:
+            return None, hidden if feature else None
+        h = hidden if at is None else hidden[torch.arange(hidden.shape[0], device=hidden.device), at]
+        return d.head(h), hidden if feature else None
 
     def _backlog(self, seq: _Sequence, upto: int) -> tuple[list[int], torch.Tensor | None]:
         """Tokens seq.tokens[dlen:upto] the drafter has not read, with their features (a feature drafter pairs
@@ -695,7 +701,7 @@ class SpeculativeEngine:
                 ids, f = self._backlog(seq, len(seq.tokens) - 1)
                 lengths = torch.tensor([seq.dlen], device=self.device)
                 self._drafter_forward(torch.tensor([ids], device=self.device), cache, seq.slot, lengths,
-                                      f[None] if feature else None)
+                                      f[None] if feature else None, head=False)
                 seq.dlen += len(ids)
         self._catchup_s = time.perf_counter() - caught_up
         lo = min(s.slot for s, _ in rows)
@@ -713,18 +719,20 @@ class SpeculativeEngine:
             x = torch.zeros(b, T, dtype=torch.long, device=self.device)
             f = torch.zeros(b, T, self.hidden_size, device=self.device) if feature else None
             lengths = torch.tensor([self.active[r].dlen for r in range(lo, lo + b)])  # slot r holds active[r]
+            last = [0] * b  # each row's last real position: the only one whose logits are read
             for r in live:
                 ids, fr = pending[r]
                 x[r - lo, :len(ids)] = torch.tensor(ids)
+                last[r - lo] = len(ids) - 1
                 if feature:
                     f[r - lo, :len(ids)] = fr
-            logits, hidden = self._drafter_forward(x, cache, lo, lengths, f)
+            logits, hidden = self._drafter_forward(x, cache, lo, lengths, f, at=torch.tensor(last, device=self.device))
             picks = []
             for r in sorted(live):
                 seq, cap = by_slot[r]
                 n = len(pending[r][0])
                 seq.dlen += n
-                q, tok = self._draft_pick(seq, logits[r - lo, n - 1].float(), kept, out[r][0], grammars.get(r))
+                q, tok = self._draft_pick(seq, logits[r - lo].float(), kept, out[r][0], grammars.get(r))
                 picks.append((r, q, tok, entropy(q)))
                 if feature:
                     step_feats[r] = hidden[r - lo, n - 1:n]
