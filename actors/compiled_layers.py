@@ -1,4 +1,4 @@
-"""The 4-bit target's layers compiled ahead of time (AOTInductor): the work between two attentions as one call.
+"""The 4-bit target's layers compiled ahead of time (AOTInductor): one call a layer, attention included.
 
 At one to a few tokens a step, a 4-bit layer's ~25 eager operations cost more in dispatch than in arithmetic
 (BENCHMARKS.md, "A compiled step"). Each layer is one call into graphs that every layer shares, its weights
@@ -154,7 +154,7 @@ GRAPHS = {"first": _First, "mid": _Mid, "last": _Last, "first_attend": _FirstAtt
 
 
 class CompiledLayers:
-    """A body's 4-bit layers as the three loaded graphs, with each layer's inputs gathered once."""
+    """A body's 4-bit layers as the loaded graphs, with each layer's inputs gathered once."""
 
     def __init__(self, folder: Path, plans, norm_w: torch.Tensor, names: tuple[str, ...]):
         runs = _loaded(folder, names)
@@ -239,7 +239,7 @@ def graph_names(layers: int, chunks: bool) -> tuple[str, ...]:
 
 
 def _build(folder: Path, s: Shape, plans, norm_w, names: tuple[str, ...]) -> None:
-    """Export and compile the three graphs into ``folder`` (written elsewhere first, then renamed: replicas
+    """Export and compile the graphs ``names`` into ``folder`` (written elsewhere first, then renamed: replicas
     starting together may build at once, and a reader never sees half a build)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".build-"))
