@@ -29,12 +29,14 @@ that mutates the caches copies them); AOTInductor's C++ wrapper has neither.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,6 +292,9 @@ def compile_layers(body, cache_dir: Path, chunks: bool = True) -> CompiledLayers
         if not folder.exists():
             log.info("compiling %d layers into %s (once per torch version and layer shape)", len(plans), folder)
             _build(folder, s, plans, body.norm.weight, names)
+            prune_builds(Path(cache_dir))
+        with contextlib.suppress(OSError):  # its last use, what prune_builds reads (a read-only dir: none)
+            os.utime(folder)
         layers = CompiledLayers(folder, plans, body.norm.weight, names)
         if not _consistent(body, layers):
             log.warning("compiled layers give a query different bits in a batch than alone: serving eager layers")
@@ -298,6 +303,21 @@ def compile_layers(body, cache_dir: Path, chunks: bool = True) -> CompiledLayers
     except Exception as e:  # noqa: BLE001 - any failure here leaves the eager layers serving, as documented
         log.warning("compiled layers unavailable, serving eager layers: %s", e)
         return None
+
+
+def prune_builds(cache_dir: Path, idle_days: float = 30.0) -> list[str]:
+    """Remove the builds in ``cache_dir`` that no process has loaded for ``idle_days`` (each onspec and torch
+    version leaves its own, 3-9 MB, and none of them is ever loaded again); returns their names. A build still
+    in use on another node of a shared data dir is loaded, and so kept, by that node's every start."""
+    cutoff = time.time() - idle_days * 86400
+    gone = []
+    for old in Path(cache_dir).iterdir():
+        if old.is_dir() and old.stat().st_mtime < cutoff:  # a ".build-" left by a build that died, too
+            shutil.rmtree(old, ignore_errors=True)
+            gone.append(old.name)
+    if gone:
+        log.info("removed %d compiled builds unused for %g days from %s", len(gone), idle_days, cache_dir)
+    return gone
 
 
 @torch.inference_mode()

@@ -151,3 +151,22 @@ def test_the_served_drafter_runs_compiled_layers(real_engine):
     assert (picks["compiled"] == picks["eager"]).float().mean() > 0.9
     swapped = real_engine.for_serving(make_drafter(real_engine.target, DrafterConfig()))
     assert swapped.body.compiled_layers.first_attend is compiled.first_attend
+
+
+def test_builds_unused_for_a_month_are_pruned(tmp_path):
+    import os
+
+    from onspec.actors.compiled_layers import prune_builds
+
+    """Each onspec and torch version leaves a build; one no process loaded for 30 days goes (a build that died
+    half-way too), one loaded since stays (compile_layers marks a build's use on every load)."""
+    old, died, recent, building = (tmp_path / n for n in ("0123456789abcdef", ".build-a", "fedcba9876543210",
+                                                             ".build-b"))
+    for folder in (old, died, recent, building):
+        folder.mkdir()
+        (folder / "last.pt2").write_bytes(b"x")
+    month_ago = time.time() - 31 * 86400
+    for folder in (old, died):
+        os.utime(folder, (month_ago, month_ago))
+    assert sorted(prune_builds(tmp_path)) == sorted([old.name, died.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([recent.name, building.name])
