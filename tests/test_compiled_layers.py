@@ -96,13 +96,18 @@ def test_a_second_start_loads_the_build(compiled_target):
     """Built once into the data dir (by the fixture's load), loaded in well under a second after that (serve's
     restart budget)."""
     body = compiled_target.model
+    import os
+
     where = DATA_DIR / "compiled"
     builds = sorted(p.name for p in where.iterdir())
+    month_ago = time.time() - 31 * 86400
+    os.utime(body.compiled_layers.folder, (month_ago, month_ago))
     t = time.perf_counter()
     again = compile_layers(body, where)
     assert again is not None and time.perf_counter() - t < 10
     assert again.folder == body.compiled_layers.folder
     assert sorted(p.name for p in where.iterdir()) == builds  # nothing built twice, no leftovers
+    assert again.folder.stat().st_mtime > month_ago + 86400  # the load marked its use (what prune_builds reads)
 
 
 def test_a_broken_build_leaves_the_eager_layers(compiled_target, tmp_path, caplog):
