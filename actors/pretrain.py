@@ -4,6 +4,9 @@ target-written text).
 
 Data, all made on this machine (``out`` keeps every stage, so an interrupted run resumes where it stopped):
 
+  0. requests.jsonl  (with ``written_requests``) requests the target writes itself, continuing numbered lists of
+                   template prompts: phrasings no template has. The answers are then written to these and, in
+                   turn, to code tasks in the standard library's docstrings' words, instead of the templates.
   1. corpus.jsonl  local text (the Python standard library's sources and its pydoc topics, cut into windows) and
                    the target's own answers to a broad prompt set (actors/pretrain_prompts.py), written with
                    batched ``generate``, so that the target writes hundreds of tokens/s instead of one stream's 15.
@@ -24,9 +27,11 @@ with the target there (teacher-forced, the acceptance of a 1-token draft), at th
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
+import re
 import sys
 import sysconfig
 import time
@@ -41,6 +46,7 @@ from onspec.actors.pretrain_prompts import pretrain_prompts
 from onspec.kernels.losses import sparse_forward_kl
 
 CORPUS = "corpus.jsonl"
+REQUESTS = "requests.jsonl"
 TEACHER = "teacher"
 STATE = "state.pt"
 SHARD = 256  # windows per teacher shard
@@ -66,6 +72,8 @@ class PretrainPlan:
     eval_every_s: float = 120.0
     seed: int = 0
     vocab_from_corpus: bool = True  # re-choose the kept vocabulary from the answers' token counts
+    written_requests: int = 0      # > 0: answer this many target-written requests, and docstring code tasks in
+                                   # turn, instead of the templates
 
 
 def _say(msg: str) -> None:
@@ -93,6 +101,37 @@ def local_text_files() -> list[Path]:
              if "test" not in p.parts[-2] and not p.name.startswith("test")]
     topics = root / "pydoc_data" / "topics.py"
     return ([topics] if topics.is_file() else []) + files
+
+
+_CODE_ASKS = ("Write a Python function {name}({args}) that does this: {what}",
+              "Write a Python function that does the following. {what}",
+              "How would I write this in Python? {what}",
+              "Implement {name} in Python: {what}")
+
+
+def docstring_tasks(seed: int) -> list[str]:
+    """Code requests in the words of the standard library's own documentation: for each public module-level
+    function, the first sentence of its docstring, asked for in one of a few phrasings (seeded order). Template
+    code prompts repeat a few dozen task shapes; these are a thousand, written by many authors."""
+    import ast
+
+    out = []
+    for f in local_text_files():
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+            continue
+        for node in tree.body:
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("_"):
+                continue
+            doc = ast.get_docstring(node) or ""
+            what = re.split(r"(?<=[.!?])\s", doc.strip().split("\n\n")[0].replace("\n", " "))[0].strip()
+            if 4 <= len(what.split()) <= 30 and what[0].isupper() and not any(c in what for c in ">:%`*|{}"):
+                out.append((node.name, ", ".join(a.arg for a in node.args.args), what))
+    out = sorted(set(out))  # posixpath and ntpath document the same functions alike
+    rng = random.Random(seed)
+    rng.shuffle(out)
+    return list(dict.fromkeys(rng.choice(_CODE_ASKS).format(name=n, args=a, what=w) for n, a, w in out))
 
 
 def local_windows(tokenizer, budget: int, window: int, seed: int) -> list[dict]:
@@ -144,6 +183,77 @@ def generate_answers(target, tokenizer, prompts: list[list[dict]], temperature: 
     return out
 
 
+_NUMBERED = re.compile(r"^\s*(\d{1,2})[.)]\s+(.*\S)\s*$")
+
+
+def parse_listed_requests(text: str, examples: list[str]) -> list[str]:
+    """The requests in a continuation of a numbered list: its first line (the item the prompt left open), then
+    every numbered line; an item must end in a newline (the last may be cut off by the token budget), read like
+    a request (3-60 words) and not repeat an example."""
+    lines = text.split("\n")[:-1]
+    if not lines:
+        return []
+    items = [lines[0].strip()] + [m.group(2) for m in map(_NUMBERED.match, lines[1:]) if m]
+    seen = {e.strip().lower() for e in examples}
+    out = []
+    for it in items:
+        if 3 <= len(it.split()) <= 60 and any(c.isalpha() for c in it) and it.lower() not in seen:
+            seen.add(it.lower())
+            out.append(it)
+    return out
+
+
+@torch.inference_mode()
+def write_requests(plan: PretrainPlan, target, tokenizer) -> list[str]:
+    """``plan.written_requests`` requests in the target's own words (requests.jsonl, resumable): each batch row
+    is a plain-text numbered list of three template prompts of one kind (chat or code) that the target
+    continues, sampled. The templates alone leave the drafter strong on their phrasings and weaker on
+    anyone else's (BENCHMARKS.md: 0.63 top-1 on held-out template answers, 0.45-0.49 on prompts written
+    elsewhere); a list continued by the target keeps each kind's mix of topics while the wording is new."""
+    path = plan.out / REQUESTS
+    done = [json.loads(x)["content"] for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    if len(done) >= plan.written_requests:
+        return done[:plan.written_requests]
+    pool = [m[-1]["content"].split("\n")[0][:160] for m in pretrain_prompts(seed=plan.seed)]
+    kinds = [pool[0::2], pool[1::2]]  # pretrain_prompts interleaves chat and code
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    seen = set(map(str.lower, done))
+    from tqdm import tqdm
+
+    bar = tqdm(total=plan.written_requests, initial=len(done), desc="target-written requests", file=sys.stderr)
+    batch_no = len(done)  # a resumed run draws other examples and samples
+    barren = 0
+    while len(done) < plan.written_requests and barren < 5:  # a target that writes no requests stops the stage
+        rng = random.Random(plan.seed * 1_000_003 + batch_no)
+        examples = [rng.sample(kinds[r % 2], 3) for r in range(plan.gen_batch)]
+        texts = ["Messages people sent to an assistant today:\n" + "".join(f"{j + 1}. {e}\n" for j, e in enumerate(ex))
+                 + "4." for ex in examples]
+        enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        width = max(map(len, enc))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in enc])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in enc])
+        torch.manual_seed(plan.seed * 1_000_003 + batch_no)
+        gen = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=80, do_sample=True,
+                              temperature=1.0, top_p=0.95, pad_token_id=pad)
+        new = []
+        for ex, row in zip(examples, gen[:, width:]):
+            for req in parse_listed_requests(tokenizer.decode(row, skip_special_tokens=True), ex):
+                if req.lower() not in seen:
+                    seen.add(req.lower())
+                    new.append(req)
+        new = new[:plan.written_requests - len(done)]
+        with path.open("a") as f:
+            f.writelines(json.dumps({"content": r}) + "\n" for r in new)
+        done += new
+        barren = 0 if new else barren + 1
+        batch_no += plan.gen_batch
+        bar.update(len(new))
+    bar.close()
+    if len(done) < plan.written_requests:
+        _say(f"the target wrote {len(done)} usable requests of {plan.written_requests}; answering those")
+    return done
+
+
 def build_corpus(plan: PretrainPlan, target, tokenizer) -> list[dict]:
     """Make (or finish making) corpus.jsonl; returns its sequences."""
     path = plan.out / CORPUS
@@ -157,7 +267,12 @@ def build_corpus(plan: PretrainPlan, target, tokenizer) -> list[dict]:
         _say(f"local text: {len(local)} windows, {sum(len(c['ids']) for c in local)} tokens")
     answers = [c for c in corpus if c["source"] == "answer"]
     written = sum(len(c["ids"]) - c["prompt_len"] for c in answers)
-    prompts = pretrain_prompts(seed=plan.seed)
+    if plan.written_requests > 0:  # the target's own requests and the library's code tasks, in turn
+        asks = [r for pair in itertools.zip_longest(write_requests(plan, target, tokenizer),
+                                                    docstring_tasks(plan.seed)) for r in pair if r]
+        prompts = [[{"role": "user", "content": r}] for r in asks]
+    else:
+        prompts = pretrain_prompts(seed=plan.seed)
     done = len(answers)
     from tqdm import tqdm
 
@@ -487,7 +602,9 @@ def pretrain(plan: PretrainPlan, target, tokenizer, drafter, version: str = "bas
                    "local_windows": sum(c["source"] == "local" for c in corpus),
                    "local_tokens": sum(len(c["ids"]) for c in corpus if c["source"] == "local"),
                    "windows": len(wins), "tokens": int(data.length.sum()), "held_out_windows": len(held_rows),
-                   "prompt_set": "actors/pretrain_prompts.py", "local_text": "Python standard library",
+                   "prompt_set": ("target-written requests continuing lists of actors/pretrain_prompts.py's, and "
+                                  "standard-library docstring code tasks, in turn"
+                                  if plan.written_requests > 0 else "actors/pretrain_prompts.py"), "local_text": "Python standard library",
                    "kept_vocabulary": ("answer token counts" if coverage is not None
                                       else "the starting drafter's" if init else "token_counts.json"),
                    "answer_tokens_in_kept_vocabulary": coverage},

@@ -72,7 +72,7 @@ def cmd_drafter_pretrain(args) -> int:
     from onspec.actors.pretrain import PretrainPlan, pretrain
 
     cfg = config_from_args(args)
-    for flag in ("minutes", "tokens", "local_tokens"):
+    for flag in ("minutes", "tokens", "local_tokens", "written_requests"):
         if getattr(args, flag) < 0:
             raise CLIError(f"--{flag.replace('_', '-')} must be >= 0")
     if args.tokens == 0 and args.local_tokens == 0:
@@ -100,7 +100,7 @@ def cmd_drafter_pretrain(args) -> int:
         drafter = drafter.float()
     plan = PretrainPlan(out=args.out, minutes=args.minutes, tokens=args.tokens, local_tokens=args.local_tokens,
                         gen_batch=args.gen_batch, batch=args.batch, lr=args.lr, seed=args.seed,
-                        vocab_from_corpus=not args.keep_vocabulary)
+                        vocab_from_corpus=not args.keep_vocabulary, written_requests=args.written_requests)
     manifest = pretrain(plan, target, tok, drafter, version=args.version, always_keep=stops,
                         init=None if args.init is None else str(args.init))
     p = manifest["pretraining"]
@@ -364,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the starting drafter's kept vocabulary instead of re-choosing it from the answers "
                          "(a run that goes on from --init with more data then reuses the teacher shards scored "
                          "for it)")
+    dp.add_argument("--written-requests", type=int, default=0,
+                    help="answer this many requests the target writes itself (continuing lists of the template "
+                         "prompts) instead of the templates: other phrasings than the templates'")
     dp.set_defaults(func=cmd_drafter_pretrain)
     dc = d.add_parser("count-tokens", help="count the target's generated tokens (VocabTrim's frequencies)")
     common_flags(dc)

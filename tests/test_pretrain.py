@@ -44,6 +44,42 @@ def test_prompt_set_is_broad_and_never_holds_a_benchmark_prompt():
     assert pretrain_prompts(50) == convs[:50] == pretrain_prompts(50, seed=0)  # seeded, a prefix of the whole
 
 
+def test_listed_requests_are_read_from_a_continued_list():
+    from onspec.actors.pretrain import parse_listed_requests
+
+    text = (" How do I keep basil alive indoors?\n5. Write a Go function that reverses a slice.\n6) Fix it.\n"
+            "Some closing remark that is not an item.\n7. Write a poem about the sea\n8. How do I")
+    got = parse_listed_requests(text, examples=["Write a poem about the sea"])
+    # the open item, then numbered ones; too short ("Fix it.", the cut-off last one), unnumbered or repeating an
+    # example are left out
+    assert got == ["How do I keep basil alive indoors?", "Write a Go function that reverses a slice."]
+
+
+def test_the_target_writes_requests_in_its_own_words_and_a_rerun_reuses_them(real_engine, tmp_path):
+    from onspec.actors.pretrain import REQUESTS, write_requests
+
+    plan = PretrainPlan(out=tmp_path, written_requests=6, gen_batch=2)
+    got = write_requests(plan, real_engine.target, real_engine.tokenizer)
+    templates = {p[-1]["content"].lower() for p in pretrain_prompts()}
+    assert len(got) == 6 == len({g.lower() for g in got})
+    assert not templates & {g.lower() for g in got}  # new wording, not the examples copied
+    saved = (tmp_path / REQUESTS).read_text()
+    assert [json.loads(x)["content"] for x in saved.splitlines()] == got
+    assert write_requests(plan, real_engine.target, real_engine.tokenizer) == got  # made once
+    assert (tmp_path / REQUESTS).read_text() == saved
+
+
+def test_code_tasks_come_from_the_standard_librarys_docstrings():
+    from onspec.actors.pretrain import docstring_tasks
+
+    tasks = docstring_tasks(seed=0)
+    assert len(tasks) == len(set(tasks)) > 500 and tasks == docstring_tasks(seed=0)
+    assert any("Test whether a path exists." in t for t in tasks)  # os.path.exists's own words
+    held_out = {json.loads(line)["messages"][-1]["content"]
+                for f in (REPO / "bench" / "phases").glob("*.jsonl") for line in f.read_text().splitlines()}
+    assert not held_out & set(tasks)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(real_engine, tmp_path_factory):
     """A pretraining run on a few hundred tokens, then the same folder again with more minutes (a resume)."""
