@@ -167,6 +167,10 @@ class ServerConfig(_Strict):
     prefill_chunk: int = Field(256, ge=16, description="prompt tokens a joining request prefills per round, so "
                                                        "that it holds up the decoding rows for one round at most")
     replica_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves for each engine replica")
+    stream_interval_ms: float = Field(40.0, ge=0, le=1000, description=(
+        "a streamed token that comes within this many ms of the last chunk sent waits and goes out with the "
+        "next ones in one chunk (vLLM's --stream-interval, in time): each chunk crosses Ray's streams at a CPU "
+        "cost the decoding cores pay. The first token and the end are never held; 0: a chunk per round"))
     ray_address: Optional[str] = Field(None, description="join this Ray cluster; None starts a local one")
     served_model_name: Optional[str] = Field(None, description="the `model` clients send; None: model.name")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")

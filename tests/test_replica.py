@@ -174,3 +174,45 @@ def test_a_request_whose_handling_fails_gets_a_server_error_and_the_rest_go_on(m
         assert res["type"] == "result" and res["token_ids"] == [1, 2, 3]
     finally:
         rep.close()
+
+
+def test_streamed_deltas_within_the_interval_go_out_as_one_and_the_end_is_not_held():
+    """stream_interval: the first token goes out at once, later deltas wait for the interval and leave merged
+    (text, ids and logprobs joined in order), and the end flushes them without waiting the interval out."""
+    from onspec.actors.replica import merged_deltas
+
+    rep = _fake_replica()
+    emitted = []
+    rep.submit = lambda req, emit: emitted.append(emit) or object()  # the test plays the decoding thread
+
+    def delta(i):
+        return {"type": "delta", "text": f"t{i} ", "token_ids": [i], "logprobs": [(i, -0.5, [])]}
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        gen = rep.astream({"prompt": "a"}, interval=30.0)
+        first = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0)
+        emit = emitted[0]
+        emit({"type": "start", "prompt_tokens": 1})
+        emit(delta(1))
+        assert (await first)["type"] == "start"
+        t0 = loop.time()
+        assert await asyncio.wait_for(gen.__anext__(), 5) == delta(1)  # nothing sent yet: not held
+        held = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0)
+        emit(delta(2))
+        emit(delta(3))
+        await asyncio.sleep(0.05)
+        assert not held.done()  # within the interval: waiting for more
+        emit({"type": "end", "finish_reason": "length"})
+        got = await asyncio.wait_for(held, 5)
+        assert got == merged_deltas(delta(2), delta(3))
+        assert got["text"] == "t2 t3 " and got["token_ids"] == [2, 3] and len(got["logprobs"]) == 2
+        assert (await asyncio.wait_for(gen.__anext__(), 5))["type"] == "end"
+        assert loop.time() - t0 < 5  # the end did not wait the 30 s interval out
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 20))
+    finally:
+        rep.close()
