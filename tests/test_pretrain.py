@@ -45,7 +45,7 @@ def test_prompt_set_is_broad_and_never_holds_a_benchmark_prompt():
 
 
 def test_listed_requests_are_read_from_a_continued_list():
-    from onspec.actors.pretrain import parse_listed_requests
+    from onspec.actors.pretrain_sources import parse_listed_requests
 
     text = (" How do I keep basil alive indoors?\n5. Write a Go function that reverses a slice.\n6) Fix it.\n"
             "Some closing remark that is not an item.\n7. Write a poem about the sea\n8. How do I")
@@ -56,7 +56,7 @@ def test_listed_requests_are_read_from_a_continued_list():
 
 
 def test_the_target_writes_requests_in_its_own_words_and_a_rerun_reuses_them(real_engine, tmp_path):
-    from onspec.actors.pretrain import REQUESTS, write_requests
+    from onspec.actors.pretrain_sources import REQUESTS, write_requests
 
     plan = PretrainPlan(out=tmp_path, written_requests=6, gen_batch=2)
     got = write_requests(plan, real_engine.target, real_engine.tokenizer)
@@ -70,7 +70,7 @@ def test_the_target_writes_requests_in_its_own_words_and_a_rerun_reuses_them(rea
 
 
 def test_code_tasks_come_from_the_standard_librarys_docstrings():
-    from onspec.actors.pretrain import docstring_tasks
+    from onspec.actors.pretrain_sources import docstring_tasks
 
     tasks = docstring_tasks(seed=0)
     assert len(tasks) == len(set(tasks)) > 500 and tasks == docstring_tasks(seed=0)

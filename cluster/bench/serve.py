@@ -116,12 +116,14 @@ def bench_levels(cfg: OnspecConfig, specs: list[PromptSpec], levels: list[int], 
         asyncio.run(run_load(cluster.url, model, specs[-1:], 1, 1, 8))
         fresh = specs[:-1] if len(specs) > 1 else specs
         used = 0
-        for c in levels:
+        for level, c in enumerate(levels):
             n = max(requests, 2 * c)
             mine = [fresh[(used + i) % len(fresh)] for i in range(n)]
             used += n
             side = {}
-            for spec_on in (True, False):
+            # Which side runs first alternates by level: the first run at a new batch size meets its first-time
+            # costs, and a side that always ran first would always pay them.
+            for spec_on in ((True, False) if level % 2 == 0 else (False, True)):
                 cluster.set_speculation(spec_on)
                 side[spec_on] = asyncio.run(run_load(cluster.url, model, mine, c, n, max_tokens))
             on, off = side[True], side[False]
