@@ -41,7 +41,7 @@ import torch
 
 from onspec.actors.feature_drafter import shift_features
 from onspec.actors.pretrain_prompts import pretrain_prompts
-from onspec.actors.pretrain_sources import docstring_tasks, local_text_files, write_requests
+from onspec.actors.pretrain_sources import batched_generate, docstring_tasks, local_text_files, write_requests
 from onspec.kernels.losses import sparse_forward_kl
 
 CORPUS = "corpus.jsonl"
@@ -124,16 +124,12 @@ def generate_answers(target, tokenizer, prompts: list[list[dict]], temperature: 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     enc = [list(tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True,
                                               return_dict=True)["input_ids"]) for m in prompts]
-    width = max(map(len, enc))
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in enc])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in enc])
     kw = dict(do_sample=True, temperature=temperature, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-    gen = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                          **kw)
+    gen = batched_generate(target, tokenizer, enc, max_new_tokens=max_new_tokens, **kw)
     eos = set(target.generation_config.eos_token_id if isinstance(target.generation_config.eos_token_id, list)
               else [target.generation_config.eos_token_id]) | {pad}
     out = []
-    for p, row in zip(enc, gen[:, width:].tolist()):
+    for p, row in zip(enc, gen.tolist()):
         end = next((i for i, t in enumerate(row) if t in eos), None)
         row = row if end is None else row[:end + 1]  # keep the stop token: the drafter learns to end too
         out.append({"source": "answer", "ids": p + row, "prompt_len": len(p), "temperature": temperature})
@@ -490,7 +486,8 @@ def pretrain(plan: PretrainPlan, target, tokenizer, drafter, version: str = "bas
                    "windows": len(wins), "tokens": int(data.length.sum()), "held_out_windows": len(held_rows),
                    "prompt_set": ("target-written requests continuing lists of actors/pretrain_prompts.py's, and "
                                   "standard-library docstring code tasks, in turn"
-                                  if plan.written_requests > 0 else "actors/pretrain_prompts.py"), "local_text": "Python standard library",
+                                  if plan.written_requests > 0 else "actors/pretrain_prompts.py"),
+                   "local_text": "Python standard library",
                    "kept_vocabulary": ("answer token counts" if coverage is not None
                                       else "the starting drafter's" if init else "token_counts.json"),
                    "answer_tokens_in_kept_vocabulary": coverage},

@@ -27,6 +27,16 @@ def local_text_files() -> list[Path]:
     return ([topics] if topics.is_file() else []) + files
 
 
+def batched_generate(target, tokenizer, enc: list[list[int]], **kw) -> torch.Tensor:
+    """One ``generate`` over token lists of different lengths, left-padded: the new tokens [b, max_new_tokens]
+    (the pad id after a row ended)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = max(map(len, enc))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in enc])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in enc])
+    return target.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad, **kw)[:, width:]
+
+
 _CODE_ASKS = ("Write a Python function {name}({args}) that does this: {what}",
               "Write a Python function that does the following. {what}",
               "How would I write this in Python? {what}",
@@ -91,7 +101,6 @@ def write_requests(plan, target, tokenizer) -> list[str]:
         return done[:plan.written_requests]
     pool = [m[-1]["content"].split("\n")[0][:160] for m in pretrain_prompts(seed=plan.seed)]
     kinds = [pool[0::2], pool[1::2]]  # pretrain_prompts interleaves chat and code
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     seen = set(map(str.lower, done))
     from tqdm import tqdm
 
@@ -104,14 +113,11 @@ def write_requests(plan, target, tokenizer) -> list[str]:
         texts = ["Messages people sent to an assistant today:\n" + "".join(f"{j + 1}. {e}\n" for j, e in enumerate(ex))
                  + "4." for ex in examples]
         enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        width = max(map(len, enc))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in enc])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in enc])
         torch.manual_seed(plan.seed * 1_000_003 + batch_no)
-        gen = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=80, do_sample=True,
-                              temperature=1.0, top_p=0.95, pad_token_id=pad)
+        gen = batched_generate(target, tokenizer, enc, max_new_tokens=80, do_sample=True, temperature=1.0,
+                               top_p=0.95)
         new = []
-        for ex, row in zip(examples, gen[:, width:]):
+        for ex, row in zip(examples, gen):
             for req in parse_listed_requests(tokenizer.decode(row, skip_special_tokens=True), ex):
                 if req.lower() not in seen:
                     seen.add(req.lower())
@@ -125,5 +131,6 @@ def write_requests(plan, target, tokenizer) -> list[str]:
         bar.update(len(new))
     bar.close()
     if len(done) < plan.written_requests:
-        print(f"the target wrote {len(done)} usable requests of {plan.written_requests}; answering those", file=sys.stderr, flush=True)
+        print(f"the target wrote {len(done)} usable requests of {plan.written_requests}; answering those",
+              file=sys.stderr, flush=True)
     return done
