@@ -41,7 +41,8 @@ import torch
 
 from onspec.actors.feature_drafter import shift_features
 from onspec.actors.pretrain_prompts import pretrain_prompts
-from onspec.actors.pretrain_sources import batched_generate, docstring_tasks, local_text_files, write_requests
+from onspec.actors.pretrain_sources import (batched_generate, docstring_tasks, local_text_files, mixed_prompts,
+                                            write_requests)
 from onspec.kernels.losses import sparse_forward_kl
 
 CORPUS = "corpus.jsonl"
@@ -72,6 +73,8 @@ class PretrainPlan:
     vocab_from_corpus: bool = True  # re-choose the kept vocabulary from the answers' token counts
     written_requests: int = 0      # > 0: answer this many target-written requests, and docstring code tasks in
                                    # turn, instead of the templates
+    docstring_share: float = 0.0   # templates with this share of standard-library docstring code tasks mixed in
+    bulk_rows: int = 32            # answers generated with bf16 matmuls from this many rows (0: the 4-bit kernel)
 
 
 def _say(msg: str) -> None:
@@ -155,6 +158,8 @@ def build_corpus(plan: PretrainPlan, target, tokenizer) -> list[dict]:
         prompts = [[{"role": "user", "content": r}] for r in asks]
     else:
         prompts = pretrain_prompts(seed=plan.seed)
+        if plan.docstring_share > 0:
+            prompts = mixed_prompts(prompts, docstring_tasks(plan.seed), plan.docstring_share)
     done = len(answers)
     from tqdm import tqdm
 
@@ -454,9 +459,17 @@ def pretrain(plan: PretrainPlan, target, tokenizer, drafter, version: str = "bas
     from onspec.actors.checkpoint import save_checkpoint
     from onspec.kernels.vocab_trim import select_kept_ids
 
+    from onspec.actors.int4_linear import use_bulk_matmuls
+
     plan.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    corpus = build_corpus(plan, target, tokenizer)
+    # The answers are only text to score, so they are written with the faster bulk matmuls; the teacher that
+    # labels them runs at the served precision (what the drafter will be verified against).
+    use_bulk_matmuls(target, plan.bulk_rows)
+    try:
+        corpus = build_corpus(plan, target, tokenizer)
+    finally:
+        use_bulk_matmuls(target, 0)
     if not corpus:
         raise ValueError("the pretraining corpus is empty: give --tokens or --local-tokens above 0")
     coverage = None
@@ -486,7 +499,9 @@ def pretrain(plan: PretrainPlan, target, tokenizer, drafter, version: str = "bas
                    "windows": len(wins), "tokens": int(data.length.sum()), "held_out_windows": len(held_rows),
                    "prompt_set": ("target-written requests continuing lists of actors/pretrain_prompts.py's, and "
                                   "standard-library docstring code tasks, in turn"
-                                  if plan.written_requests > 0 else "actors/pretrain_prompts.py"),
+                                  if plan.written_requests > 0 else
+                                  f"actors/pretrain_prompts.py with {plan.docstring_share:.0%} standard-library "
+                                  "docstring code tasks" if plan.docstring_share > 0 else "actors/pretrain_prompts.py"),
                    "local_text": "Python standard library",
                    "kept_vocabulary": ("answer token counts" if coverage is not None
                                       else "the starting drafter's" if init else "token_counts.json"),

@@ -68,6 +68,21 @@ def docstring_tasks(seed: int) -> list[str]:
     return list(dict.fromkeys(rng.choice(_CODE_ASKS).format(name=n, args=a, what=w) for n, a, w in out))
 
 
+def mixed_prompts(templates: list[list[dict]], tasks: list[str], share: float) -> list[list[dict]]:
+    """The templates with the docstring code tasks spread evenly among them, ``share`` of the result, until
+    the tasks run out (templates only after that)."""
+    if not 0 <= share < 1:
+        raise ValueError(f"docstring_share must be in [0, 1), not {share}")
+    out, left, credit = [], list(reversed(tasks)), 0.0
+    for t in templates:
+        out.append(t)
+        credit += share / (1 - share)  # tasks owed per template
+        while credit >= 1.0 and left:
+            credit -= 1.0
+            out.append([{"role": "user", "content": left.pop()}])
+    return out
+
+
 _NUMBERED = re.compile(r"^\s*(\d{1,2})[.)]\s+(.*\S)\s*$")
 
 

@@ -72,9 +72,11 @@ def cmd_drafter_pretrain(args) -> int:
     from onspec.actors.pretrain import PretrainPlan, pretrain
 
     cfg = config_from_args(args)
-    for flag in ("minutes", "tokens", "local_tokens", "written_requests"):
+    for flag in ("minutes", "tokens", "local_tokens", "written_requests", "bulk_rows"):
         if getattr(args, flag) < 0:
             raise CLIError(f"--{flag.replace('_', '-')} must be >= 0")
+    if not 0 <= args.docstring_share < 1:
+        raise CLIError(f"--docstring-share must be in [0, 1), not {args.docstring_share}")
     if args.tokens == 0 and args.local_tokens == 0:
         raise CLIError("nothing to train on: --tokens and --local-tokens are both 0")
     target, tok = load_target(cfg.model, cfg.data_dir)
@@ -100,7 +102,8 @@ def cmd_drafter_pretrain(args) -> int:
         drafter = drafter.float()
     plan = PretrainPlan(out=args.out, minutes=args.minutes, tokens=args.tokens, local_tokens=args.local_tokens,
                         gen_batch=args.gen_batch, batch=args.batch, lr=args.lr, seed=args.seed,
-                        vocab_from_corpus=not args.keep_vocabulary, written_requests=args.written_requests)
+                        vocab_from_corpus=not args.keep_vocabulary, written_requests=args.written_requests,
+                        docstring_share=args.docstring_share, bulk_rows=args.bulk_rows)
     manifest = pretrain(plan, target, tok, drafter, version=args.version, always_keep=stops,
                         init=None if args.init is None else str(args.init))
     p = manifest["pretraining"]
@@ -367,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--written-requests", type=int, default=0,
                     help="answer this many requests the target writes itself (continuing lists of the template "
                          "prompts) instead of the templates: other phrasings than the templates'")
+    dp.add_argument("--docstring-share", type=float, default=0.0,
+                    help="mix this share of code tasks in the standard library's docstring words into the "
+                         "template prompts (0-1)")
+    dp.add_argument("--bulk-rows", type=int, default=32,
+                    help="write the answers with bf16 matmuls over the dequantized 4-bit weights wherever a "
+                         "matmul has this many rows (faster than the 4-bit kernel there; 0: never); the teacher "
+                         "always runs at the served precision")
     dp.set_defaults(func=cmd_drafter_pretrain)
     dc = d.add_parser("count-tokens", help="count the target's generated tokens (VocabTrim's frequencies)")
     common_flags(dc)

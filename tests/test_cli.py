@@ -92,6 +92,9 @@ def test_bad_prompt_files_get_a_clear_error(tmp_path, content, needle, capsys):
 
 
 def test_bad_parameters_and_checkpoint_get_clear_errors(tmp_path, prompts_file, capsys):
+    for flags, needle in ((["--docstring-share", "1.5"], "--docstring-share"), (["--bulk-rows", "-1"], "--bulk-rows")):
+        assert main(["drafter", "pretrain", "--out", str(tmp_path / "p"), *flags, "--data-dir", str(DATA_DIR)]) == 2
+        assert needle in capsys.readouterr().err
     assert main(["generate", "--prompts-file", str(prompts_file), "--drafter-checkpoint", str(tmp_path / "none"),
                  "--data-dir", str(DATA_DIR)]) == 2
     assert "no manifest.json" in capsys.readouterr().err

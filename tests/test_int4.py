@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from onspec.actors.config import OnspecConfig
-from onspec.actors.int4_linear import GROUP, FusedInt4, Int4Linear, Q8Head, q4_1_codes
+from onspec.actors.int4_linear import GROUP, FusedInt4, Int4Linear, Q8Head, q4_1_codes, use_bulk_matmuls
 from onspec.actors.requests import SamplingParams
 from tests.conftest import DATA_DIR
 
@@ -31,6 +31,32 @@ def test_int4_rows_do_not_depend_on_their_neighbours():
     assert all(torch.equal(full[i:i + 1], lin(x[i:i + 1])) for i in range(7))
     ref = x @ lin.dequantized().t()
     assert (full - ref).abs().max() < 0.05 * ref.abs().max()  # bf16 inside the matmul
+
+
+def test_bulk_matmuls_serve_only_calls_with_many_rows_and_switch_back_off():
+    """use_bulk_matmuls (pretraining's answers): from min_rows rows a call is a bf16 matmul over the dequantized
+    weights, close to the kernel's; below it, and after switching off, the kernel's own bits."""
+    g = torch.Generator().manual_seed(3)
+    lin = Int4Linear(torch.randint(0, 16, (64, 96), generator=g), torch.rand(64, 3, generator=g) / 10,
+                     -torch.rand(64, 3, generator=g) / 10)
+    q, d = torch.randint(-128, 128, (32, 64), generator=g), torch.rand(32, 2, generator=g) / 50
+    head = Q8Head(q, d, (d.repeat_interleave(GROUP, dim=1) * q).float())
+    model = torch.nn.ModuleList([lin, head])
+    few, many = torch.randn(3, 96, generator=g), torch.randn(40, 96, generator=g)
+    hx = torch.randn(40, 64, generator=g)
+    before = [lin(few), lin(many), head(hx[:3]), head(hx)]
+    assert use_bulk_matmuls(model, 16) == 2
+    assert lin.bulk.dtype == torch.bfloat16 and lin.bulk.shape == (64, 96)
+    assert torch.equal(lin(few), before[0]) and torch.equal(head(hx[:3]), before[2])  # under 16 rows: the kernel
+    bulk = lin(many)
+    assert not torch.equal(bulk, before[1])  # another kernel, rounded otherwise ...
+    ref = many @ lin.dequantized().t()
+    assert (bulk - ref).abs().max() < 0.02 * ref.abs().max()  # ... over the same weights
+    hb = head(hx)
+    assert hb.dtype == before[3].dtype and (hb.float() - before[3].float()).abs().max() < 0.02 * before[3].abs().max()
+    use_bulk_matmuls(model, 0)
+    assert lin.bulk is None and head.bulk is None
+    assert torch.equal(lin(many), before[1]) and torch.equal(head(hx), before[3])
 
 
 def test_fused_projections_give_each_part_bitwise():

@@ -107,6 +107,32 @@ def test_pretraining_records_its_corpus_steps_and_held_out_figure(tiny_run):
     assert first["config"]["kind"] == "feature" and first["config"]["head"] == "target"
 
 
+def test_the_answers_are_written_with_bulk_matmuls_and_the_teacher_is_served_precision(tiny_run, real_engine):
+    """The target is left as it serves: no module keeps its bulk weights after pretraining (a shared engine would
+    otherwise prefill long prompts off the 4-bit kernel)."""
+    from onspec.actors.int4_linear import Int4Linear
+
+    p = tiny_run[1]["pretraining"]
+    assert p["plan"]["bulk_rows"] == 32
+    lins = [m for m in real_engine.target.modules() if isinstance(m, Int4Linear)]
+    assert lins and all(m.bulk is None for m in lins)
+
+
+def test_templates_and_docstring_tasks_mix_at_the_asked_share():
+    from onspec.actors.pretrain_sources import mixed_prompts
+
+    templates = [[{"role": "user", "content": f"t{i}"}] for i in range(90)]
+    out = mixed_prompts(templates, [f"d{i}" for i in range(100)], 0.25)
+    texts = [m[-1]["content"] for m in out]
+    assert [t for t in texts if t[0] == "t"] == [f"t{i}" for i in range(90)]  # every template, in order
+    tasks = [t for t in texts if t[0] == "d"]
+    assert tasks == [f"d{i}" for i in range(len(tasks))] and len(tasks) == 30  # 30 / 120 = 25%
+    assert all(texts[i][0] == "t" or texts[i - 1][0] == "t" for i in range(1, len(texts)))  # spread, not bunched
+    assert len(mixed_prompts(templates, ["d0"], 0.5)) == 91  # tasks that run out leave the templates
+    with pytest.raises(ValueError):
+        mixed_prompts(templates, [], 1.0)
+
+
 def test_pretraining_resumes_from_its_folder(tiny_run):
     out, first, second, lines = tiny_run
     assert (out / "corpus.jsonl").read_text().count("\n") == lines  # the corpus was not made again
