@@ -67,7 +67,7 @@ class TrainerStats:
     last_loss: float = float("nan")
     last_eval: dict = field(default_factory=dict)
     busy_waits: int = 0
-    mid_step_yields: int = 0  # steps that gave their cores back to a request that arrived mid-step
+    mid_step_yields: int = 0  # steps that waited for (or gave cores to) a request that arrived mid-step
     train_s: float = 0.0
     tokens_supervised: int = 0  # positions with a loss weight, summed over steps (a replayed window counts again)
 
@@ -100,6 +100,7 @@ class OnlineTrainer:
         self.stats = TrainerStats()
         self._eval_cache: dict[tuple[str, int], dict] = {}
         self.idle = threading.Event()  # set by run() while it is paused
+        self._halt = threading.Event()  # run()'s stop: ends a wait for serving to go idle
         self._holdout_rev = 0
         self.journal = None  # actors/journal.TrainingJournal: what was done with each record, before its XACK
         self._unacked: list[str] = []  # consumed, but the XACK failed (Redis down): retried with the next one
@@ -424,6 +425,14 @@ class OnlineTrainer:
         return None
 
     def run(self, stop: threading.Event, paused: threading.Event | None = None) -> None:
+        self._halt = stop
+        try:
+            self._run(stop, paused)
+        finally:
+            self._halt = threading.Event()  # a step called directly after run() ends still waits for serving
+
+    def _run(self, stop: threading.Event, paused: threading.Event | None) -> None:
+        waiting = False
         while not stop.is_set():
             if paused is not None and paused.is_set():
                 self.idle.set()
@@ -432,6 +441,14 @@ class OnlineTrainer:
             self.idle.clear()
             try:
                 busy = self.serving_busy()
+                if busy and self.tc.busy_duty == 0:
+                    # Spare capacity only: nothing starts (not even reading, which scores held-back windows)
+                    # while a replica has requests in flight.
+                    self.stats.busy_waits += not waiting
+                    waiting = True
+                    stop.wait(0.02)
+                    continue
+                waiting = False
                 self._use_threads(busy)
                 read = self.poll(block_ms=None if (self.fresh or (self.replay and not busy)) else 500)
                 t0 = time.perf_counter()
@@ -443,19 +460,24 @@ class OnlineTrainer:
                 log.warning("redis unreachable (%s); retrying", e)
                 stop.wait(1.0)
                 continue
-            if did and busy and self.tc.busy_duty < 1.0:
+            if did and busy and 0 < self.tc.busy_duty < 1.0:
                 # Yield: compute at most busy_duty of the wall time while replicas have requests in flight.
                 self.stats.busy_waits += 1
-                pause = spent * (1 - self.tc.busy_duty) / self.tc.busy_duty if self.tc.busy_duty > 0 else 0.5
-                stop.wait(pause)
+                stop.wait(spent * (1 - self.tc.busy_duty) / self.tc.busy_duty)
             elif not did and not read:
                 stop.wait(0.1)
 
     def _yield_to_serving(self) -> None:
         """Called between the parts of a step. A step begun on every core while serving was idle used to keep
         them until it ended, and a request arriving meanwhile ran beside it on shared cores (the trainer-running
-        p99 in BENCHMARKS.md): now the step drops to ``threads`` at its next part."""
-        if self._threads and self._threads != self.tc.threads and self.serving_busy():
+        p99 in BENCHMARKS.md): now, at its next part, the step waits until no request is in flight
+        (``busy_duty`` 0), or goes on with ``threads``."""
+        if self.tc.busy_duty == 0:
+            if self.serving_busy():
+                self.stats.mid_step_yields += 1
+                while self.serving_busy() and not self._halt.wait(0.02):
+                    pass
+        elif self._threads and self._threads != self.tc.threads and self.serving_busy():
             self._use_threads(True)
             self.stats.mid_step_yields += 1
 

@@ -252,7 +252,7 @@ def test_a_step_gives_its_cores_back_when_a_request_arrives_mid_step(client, tmp
     reports a request in flight; with none in flight it keeps them."""
     import json
 
-    tr = _trainer(client, tmp_path, threads=1, idle_threads=2)
+    tr = _trainer(client, tmp_path, threads=1, idle_threads=2, busy_duty=0.25)
     rng = random.Random(3)
     windows = lambda: [Window(ids=[rng.randrange(96) for _ in range(20)], rejected_row=None, greedy=True,  # noqa: E731
                               label="t") for _ in range(4)]
@@ -266,3 +266,45 @@ def test_a_step_gives_its_cores_back_when_a_request_arrives_mid_step(client, tmp
         assert torch.get_num_threads() == 1 and tr.stats.mid_step_yields == 1
     finally:
         torch.set_num_threads(before)
+
+
+def _until(pred, timeout=30.0, what=""):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_on_spare_capacity_only_the_trainer_computes_nothing_while_a_request_is_in_flight(client, tmp_path):
+    """busy_duty 0: no step starts while a replica reports a request in flight, and a step that meets one at a
+    part boundary waits there until the report clears, then finishes."""
+    import json
+    import threading
+
+    tr = _trainer(client, tmp_path, busy_duty=0.0, onpolicy=False)
+    load = f"{tr.cfg.registry.load_key_prefix}:replica-a"
+    _write(client, _records(6))
+    client.set(load, json.dumps({"in_flight": 1, "queued": 0}))
+    stop = threading.Event()
+    loop = threading.Thread(target=tr.run, args=(stop,), daemon=True)
+    loop.start()
+    try:
+        _until(lambda: tr.stats.busy_waits == 1, what="the trainer to see the load")
+        assert tr.stats.records_read == 0 and tr.stats.steps == 0  # it has not even read the stream
+        client.delete(load)
+        _until(lambda: tr.stats.steps >= 1, what="a step once serving is idle")
+    finally:
+        stop.set()
+        loop.join(timeout=30)
+    rng = random.Random(4)
+    windows = [Window(ids=[rng.randrange(96) for _ in range(20)], rejected_row=None, greedy=True, label="t")
+               for _ in range(4)]
+    client.set(load, json.dumps({"in_flight": 1, "queued": 0}))  # a request arrives as the step starts
+    steps = tr.stats.steps
+    step = threading.Thread(target=tr.train_on, args=(windows,), daemon=True)
+    step.start()
+    _until(lambda: tr.stats.mid_step_yields == 1, what="the step to stop at a part boundary")
+    assert step.is_alive() and tr.stats.steps == steps  # held there, not computing beside the request
+    client.delete(load)
+    step.join(timeout=30)
+    assert not step.is_alive() and tr.stats.steps == steps + 1
