@@ -320,8 +320,11 @@ class TrainerConfig(_Strict):
                                                         "are claimed (XAUTOCLAIM)")
     read_count: int = Field(64, ge=1)
     yield_to_serving: bool = Field(True, description="slow down while replicas have requests in flight")
-    busy_duty: float = Field(0.25, ge=0, le=1, description="share of wall time the trainer computes while "
+    busy_duty: float = Field(0.0, ge=0, le=1, description="share of wall time the trainer computes while "
                                                            "serving is busy (0: pause)")
+    idle_grace_s: float = Field(0.25, ge=0, description="busy_duty 0: serving must have been idle this long "
+                                                        "before the trainer computes (closed-loop clients leave "
+                                                        "gaps of a few ms between requests)")
 
 
 class OnspecConfig(_Strict):

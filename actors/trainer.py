@@ -37,6 +37,7 @@ import torch
 
 from onspec.actors.deepspeed_engine import clone_drafter, deepspeed_engine
 from onspec.actors.hot_swap import serving_load
+from onspec.actors.idle_gate import IdleGate
 from onspec.actors.feature_drafter import drafter_logits, shift_features
 from onspec.actors.models import Drafter
 from onspec.actors.registry import DrafterRegistry, RegistryError
@@ -101,6 +102,7 @@ class OnlineTrainer:
         self._eval_cache: dict[tuple[str, int], dict] = {}
         self.idle = threading.Event()  # set by run() while it is paused
         self._halt = threading.Event()  # run()'s stop: ends a wait for serving to go idle
+        self.idle_gate = IdleGate(self.tc.idle_grace_s)  # busy_duty 0: serving idle long enough to compute
         self._holdout_rev = 0
         self.journal = None  # actors/journal.TrainingJournal: what was done with each record, before its XACK
         self._unacked: list[str] = []  # consumed, but the XACK failed (Redis down): retried with the next one
@@ -433,19 +435,21 @@ class OnlineTrainer:
 
     def _run(self, stop: threading.Event, paused: threading.Event | None) -> None:
         waiting = False
+        self.idle_gate.reset()
         while not stop.is_set():
             if paused is not None and paused.is_set():
                 self.idle.set()
+                self.idle_gate.reset()
                 stop.wait(0.1)
                 continue
             self.idle.clear()
             try:
                 busy = self.serving_busy()
-                if busy and self.tc.busy_duty == 0:
+                if self.tc.busy_duty == 0 and not self.idle_gate.open(busy):
                     # Spare capacity only: nothing starts (not even reading, which scores held-back windows)
-                    # while a replica has requests in flight.
-                    self.stats.busy_waits += not waiting
-                    waiting = True
+                    # while a replica has requests in flight, or until serving has been idle for the grace.
+                    self.stats.busy_waits += busy and not waiting
+                    waiting = waiting or busy
                     stop.wait(0.02)
                     continue
                 waiting = False
@@ -475,7 +479,8 @@ class OnlineTrainer:
         if self.tc.busy_duty == 0:
             if self.serving_busy():
                 self.stats.mid_step_yields += 1
-                while self.serving_busy() and not self._halt.wait(0.02):
+                self.idle_gate.reset()
+                while not self.idle_gate.open(self.serving_busy()) and not self._halt.wait(0.02):
                     pass
         elif self._threads and self._threads != self.tc.threads and self.serving_busy():
             self._use_threads(True)

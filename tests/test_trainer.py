@@ -308,3 +308,24 @@ def test_on_spare_capacity_only_the_trainer_computes_nothing_while_a_request_is_
     client.delete(load)
     step.join(timeout=30)
     assert not step.is_alive() and tr.stats.steps == steps + 1
+
+
+def test_on_spare_capacity_only_serving_must_stay_idle_for_the_grace_before_the_trainer_computes(client, tmp_path):
+    """A gap between two requests shorter than idle_grace_s (a closed-loop client's next request) starts nothing:
+    a request seen during the grace restarts it."""
+    import json
+
+    tr = _trainer(client, tmp_path, busy_duty=0.0, idle_grace_s=0.3)
+    load = f"{tr.cfg.registry.load_key_prefix}:replica-a"
+    client.set(load, json.dumps({"in_flight": 1, "queued": 0}))
+    assert not tr.idle_gate.open(tr.serving_busy())
+    client.delete(load)
+    t0 = time.monotonic()
+    assert not tr.idle_gate.open(tr.serving_busy())  # idle only just now
+    client.set(load, json.dumps({"in_flight": 1, "queued": 0}))  # the next request, within the grace
+    assert not tr.idle_gate.open(tr.serving_busy())
+    time.sleep(0.15)  # the request runs a while: a grace counted from t0 would end 0.15 s after t1
+    client.delete(load)
+    t1 = time.monotonic()
+    _until(lambda: tr.idle_gate.open(tr.serving_busy()), what="the grace to pass")
+    assert time.monotonic() - t1 >= 0.3 and time.monotonic() - t0 >= 0.3
