@@ -457,9 +457,8 @@ def pretrain(plan: PretrainPlan, target, tokenizer, drafter, version: str = "bas
     answers (``always_keep`` first) before the teacher scores anything; ``init`` names the checkpoint the
     drafter's weights were started from (recorded in the manifest)."""
     from onspec.actors.checkpoint import save_checkpoint
-    from onspec.kernels.vocab_trim import select_kept_ids
-
     from onspec.actors.int4_linear import use_bulk_matmuls
+    from onspec.kernels.vocab_trim import select_kept_ids
 
     plan.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -48,6 +48,7 @@ from onspec.actors.config import OnspecConfig
 from onspec.kernels.losses import divergence
 
 log = logging.getLogger("onspec.trainer")
+IDLE_POLL_S = 0.05  # spare capacity: each "is serving busy?" SCANs Redis; the 0.25 s grace needs no faster poll
 
 
 # ---- the trainer --------------------------------------------------------------------------------------------------
@@ -450,7 +451,7 @@ class OnlineTrainer:
                     # while a replica has requests in flight, or until serving has been idle for the grace.
                     self.stats.busy_waits += busy and not waiting
                     waiting = waiting or busy
-                    stop.wait(0.02)
+                    stop.wait(IDLE_POLL_S)
                     continue
                 waiting = False
                 self._use_threads(busy)
@@ -480,7 +481,7 @@ class OnlineTrainer:
             if self.serving_busy():
                 self.stats.mid_step_yields += 1
                 self.idle_gate.reset()
-                while not self.idle_gate.open(self.serving_busy()) and not self._halt.wait(0.02):
+                while not self.idle_gate.open(self.serving_busy()) and not self._halt.wait(IDLE_POLL_S):
                     pass
         elif self._threads and self._threads != self.tc.threads and self.serving_busy():
             self._use_threads(True)
